@@ -1,0 +1,97 @@
+"""Every error futurefed raises, in one place.
+
+Our exception hierarchy::
+
+    FutureFedError
+    ├── ConfigError (ValueError)          bad option or environment variable
+    ├── ProtocolError                     a frame that breaks docs/protocol.md
+    │   ├── LocalProtocolError            we were about to send one (a bug)
+    │   └── RemoteProtocolError           a peer sent one (dropped and logged)
+    ├── SerializationError (pickle.PicklingError)
+    │                                     an argument, result or exception that
+    │                                     cannot cross the wire
+    └── BrokenFederation (concurrent.futures.BrokenExecutor)
+        ├── InitializerFailed             the executor's initializer raised in a worker
+        └── FederationLost                the origin's broker went away
+
+    RemoteTraceback                       attached as ``__cause__`` of a task's
+                                          exception; never raised on its own
+
+The stdlib bases let ``except concurrent.futures.BrokenExecutor`` and
+``except pickle.PicklingError`` catch ours. This module imports nothing from
+futurefed so that every other module may import it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import pickle
+
+__all__ = [
+    "BrokenFederation",
+    "ConfigError",
+    "FederationLost",
+    "FutureFedError",
+    "InitializerFailed",
+    "LocalProtocolError",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "RemoteTraceback",
+    "SerializationError",
+]
+
+
+class FutureFedError(Exception):
+    """Base class of every error futurefed raises itself."""
+
+
+class ConfigError(FutureFedError, ValueError):
+    """An option or environment variable has an invalid value."""
+
+
+class ProtocolError(FutureFedError):
+    """A message does not follow the wire protocol (docs/protocol.md)."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We were about to send a message that breaks the protocol."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """A peer sent a message that breaks the protocol."""
+
+
+class SerializationError(FutureFedError, pickle.PicklingError):
+    """An object could not be pickled or unpickled on its way across the wire."""
+
+
+class BrokenFederation(FutureFedError, concurrent.futures.BrokenExecutor):
+    """The executor can no longer run work; pending futures fail with this."""
+
+
+class InitializerFailed(BrokenFederation):
+    """The executor's ``initializer`` raised in a worker.
+
+    Like ``ProcessPoolExecutor``, the executor is then broken: pending and
+    later work fail with this error. The worker's traceback is its
+    ``__cause__`` and is logged at CRITICAL in the submitting process.
+    """
+
+
+class FederationLost(BrokenFederation):
+    """The origin lost its broker, so nothing it submitted can complete."""
+
+
+class RemoteTraceback(Exception):
+    """The formatted traceback of an exception raised on a worker.
+
+    Set as ``__cause__`` of the re-raised exception so that the usual
+    traceback printout shows where, on which host and worker, it happened.
+    """
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb

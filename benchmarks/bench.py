@@ -1,0 +1,749 @@
+#!/usr/bin/env python3
+"""Benchmark futurefed's FederatedExecutor against concurrent.futures.ProcessPoolExecutor.
+
+Both executors run in this one process tree, with the same number of workers, on
+the same scenarios. Samples alternate between executors (the order reverses on
+every repetition) and the MEDIAN of the repetitions is reported, because the
+machines this runs on are shared and noisy. Executor start-up is never timed:
+every executor is warmed up with a map of ``2 * workers`` no-ops before each
+timed sample (bandwidth scenarios also push a smaller payload first).
+
+Run ``python benchmarks/bench.py --help``; see ``benchmarks/README.md`` for how
+to read the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import (
+    Executor,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    wait,
+)
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+MiB = 1024 * 1024
+LATENCY_TARGET = 1.5  # "futurefed latency at most 1.5x ProcessPoolExecutor's"
+
+
+# --------------------------------------------------------------------------
+# Task functions. They must stay module-level (ProcessPoolExecutor pickles them
+# by reference) and self-contained: when this file runs as a script they live
+# in ``__main__``, which cloudpickle ships to futurefed workers by value.
+# --------------------------------------------------------------------------
+
+
+def noop(x: Any = None) -> Any:
+    return x
+
+
+def payload_len(data: bytes) -> int:
+    return len(data)
+
+
+def make_payload(nbytes: int) -> bytes:
+    """Return ``nbytes`` of incompressible data: one random 1 MiB block, repeated.
+
+    Used both for the argument (built once, in the parent) and as the task
+    result (built by the worker, inside the timed region; the cost of that is
+    measured separately and reported as ``payload_build_s``).
+    """
+    if nbytes <= 0:
+        return b""
+    block = os.urandom(min(nbytes, 1024 * 1024))
+    reps, rest = divmod(nbytes, len(block))
+    data = block * reps
+    return data + block[:rest] if rest else data
+
+
+def spin(seconds: float) -> float:
+    """Burn CPU (no sleeping) for ``seconds`` of wall time."""
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        pass
+    return seconds
+
+
+# --------------------------------------------------------------------------
+# Executors
+# --------------------------------------------------------------------------
+
+
+class ExecutorUnavailable(RuntimeError):
+    """An executor selected with --executors cannot be created."""
+
+
+def import_futurefed() -> Any:
+    """Import futurefed lazily, falling back to the checkout this file lives in."""
+    try:
+        import futurefed
+    except ImportError:
+        root = str(Path(__file__).resolve().parent.parent)
+        if root not in sys.path:
+            sys.path.insert(0, root)
+        import futurefed
+    return futurefed
+
+
+def federated_executor_class() -> Callable[..., Executor]:
+    try:
+        futurefed = import_futurefed()
+    except ImportError as exc:
+        raise ExecutorUnavailable(f"cannot import futurefed: {exc}") from exc
+    cls = getattr(futurefed, "FederatedExecutor", None)
+    if cls is None:
+        raise ExecutorUnavailable(
+            "futurefed.FederatedExecutor does not exist (yet); run with --executors ppe"
+        )
+    return cls  # type: ignore[no-any-return]
+
+
+def make_federated(workers: int) -> Executor:
+    return federated_executor_class()(max_workers=workers)
+
+
+def make_process_pool(workers: int) -> Executor:
+    return ProcessPoolExecutor(max_workers=workers)
+
+
+def make_thread_pool(workers: int) -> Executor:
+    return ThreadPoolExecutor(max_workers=workers)
+
+
+@dataclass(frozen=True)
+class ExecutorKind:
+    key: str
+    label: str
+    factory: Callable[[int], Executor]
+
+
+EXECUTOR_KINDS: dict[str, ExecutorKind] = {
+    kind.key: kind
+    for kind in (
+        ExecutorKind("fed", "futurefed", make_federated),
+        ExecutorKind("ppe", "ProcessPoolExecutor", make_process_pool),
+        ExecutorKind("thread", "ThreadPoolExecutor", make_thread_pool),
+    )
+}
+# ProcessPoolExecutor forks its workers (Linux default) on first use; create and
+# warm it before futurefed starts its threads and sockets in this process.
+CREATION_ORDER = ("ppe", "thread", "fed")
+DEFAULT_EXECUTORS = ("fed", "ppe")
+
+
+def warm_up(executor: Executor, workers: int, timeout: float) -> None:
+    list(executor.map(noop, range(2 * workers), timeout=timeout))
+
+
+class ExecutorPool:
+    """Owns the live executors; creates, warms up and replaces them."""
+
+    def __init__(self, keys: Sequence[str], workers: int, timeout: float) -> None:
+        self.keys = tuple(keys)
+        self.workers = workers
+        self.timeout = timeout
+        self.startup_s: dict[str, list[float]] = {key: [] for key in self.keys}
+        self._live: dict[str, Executor] = {}
+
+    def start_all(self) -> None:
+        for key in sorted(self.keys, key=CREATION_ORDER.index):
+            self.get(key)
+
+    def get(self, key: str) -> Executor:
+        executor = self._live.get(key)
+        if executor is None:
+            started = time.perf_counter()
+            executor = EXECUTOR_KINDS[key].factory(self.workers)
+            self._live[key] = executor
+            warm_up(executor, self.workers, self.timeout)
+            self.startup_s[key].append(time.perf_counter() - started)
+        return executor
+
+    def discard(self, key: str) -> None:
+        """Drop a (possibly broken) executor; the next get() makes a fresh one."""
+        executor = self._live.pop(key, None)
+        if executor is not None:
+            try:
+                executor.shutdown(wait=False, cancel_futures=True)
+            except Exception as exc:  # noqa: BLE001 - best effort
+                log(f"  (shutting down {key} failed: {exc!r})")
+
+    def close(self, wait_for_workers: bool = True) -> None:
+        for key in list(self._live):
+            executor = self._live.pop(key)
+            executor.shutdown(wait=wait_for_workers, cancel_futures=not wait_for_workers)
+
+
+# --------------------------------------------------------------------------
+# Scenarios
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sizes:
+    map_items: int = 20_000
+    map_chunksize: int = 200
+    submit_items: int = 10_000
+    latency_calls: int = 2_000
+    payload_bytes: int = 64 * MiB
+    cpu_tasks: int = 200
+    cpu_task_s: float = 0.020
+
+    @property
+    def warmup_payload_bytes(self) -> int:
+        return max(1, self.payload_bytes // 64)
+
+    def scaled_down(self, divisor: int) -> Sizes:
+        """Sizes for --quick: counts and payloads shrink, chunksize and task length do not."""
+        return replace(
+            self,
+            map_items=self.map_items // divisor,
+            submit_items=self.submit_items // divisor,
+            latency_calls=self.latency_calls // divisor,
+            payload_bytes=self.payload_bytes // divisor,
+            cpu_tasks=self.cpu_tasks // divisor,
+        )
+
+
+@dataclass
+class Context:
+    sizes: Sizes
+    workers: int
+    timeout: float
+    payload: bytes = b""
+    warmup_payload: bytes = b""
+
+
+@dataclass
+class Sample:
+    values: dict[str, float]
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    unit: str
+    higher_is_better: bool
+    fmt: str
+    is_latency: bool = False
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    summary: str
+    metrics: tuple[Metric, ...]
+    run: Callable[[Executor, Context], Sample]
+    warmup: Callable[[Executor, Context], None] | None = None
+    needs_payload: bool = False
+
+
+class WrongResult(AssertionError):
+    """An executor returned something other than what the task computes."""
+
+
+def check(condition: bool, message: str) -> None:
+    if not condition:
+        raise WrongResult(message)
+
+
+def wait_all(futures: Sequence[Future[Any]], timeout: float) -> None:
+    _, not_done = wait(futures, timeout=timeout)
+    if not_done:
+        raise TimeoutError(f"{len(not_done)} of {len(futures)} futures not done after {timeout}s")
+
+
+def percentile(values: Sequence[float], pct: float) -> float:
+    """Linear-interpolated percentile (same as numpy's default)."""
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * pct / 100
+    low, high = math.floor(pos), math.ceil(pos)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def run_map(big_chunks: bool) -> Callable[[Executor, Context], Sample]:
+    def run(executor: Executor, ctx: Context) -> Sample:
+        n = ctx.sizes.map_items
+        chunksize = ctx.sizes.map_chunksize if big_chunks else 1
+        started = time.perf_counter()
+        results = list(executor.map(noop, range(n), timeout=ctx.timeout, chunksize=chunksize))
+        elapsed = time.perf_counter() - started
+        check(results == list(range(n)), "map() returned wrong results")
+        return Sample({"throughput": n / elapsed}, {"elapsed_s": elapsed})
+
+    return run
+
+
+def run_submit(executor: Executor, ctx: Context) -> Sample:
+    n = ctx.sizes.submit_items
+    started = time.perf_counter()
+    futures = [executor.submit(noop, i) for i in range(n)]
+    wait_all(futures, ctx.timeout)
+    elapsed = time.perf_counter() - started
+    check([f.result() for f in futures] == list(range(n)), "submit() returned wrong results")
+    return Sample({"throughput": n / elapsed}, {"elapsed_s": elapsed})
+
+
+def run_latency(executor: Executor, ctx: Context) -> Sample:
+    clock = time.perf_counter_ns
+    latencies_ns: list[int] = []
+    for _ in range(ctx.sizes.latency_calls):
+        started = clock()
+        result = executor.submit(noop).result(timeout=ctx.timeout)
+        latencies_ns.append(clock() - started)
+        check(result is None, f"noop() returned {result!r}")
+    latencies_us = [ns / 1000 for ns in latencies_ns]
+    return Sample(
+        {"p50": percentile(latencies_us, 50), "p99": percentile(latencies_us, 99)},
+        {
+            "mean_us": statistics.fmean(latencies_us),
+            "max_us": max(latencies_us),
+            "latencies_us": [round(us, 1) for us in latencies_us],
+        },
+    )
+
+
+def warm_payload_arg(executor: Executor, ctx: Context) -> None:
+    executor.submit(payload_len, ctx.warmup_payload).result(timeout=ctx.timeout)
+
+
+def run_payload_arg(executor: Executor, ctx: Context) -> Sample:
+    nbytes = len(ctx.payload)
+    started = time.perf_counter()
+    result = executor.submit(payload_len, ctx.payload).result(timeout=ctx.timeout)
+    elapsed = time.perf_counter() - started
+    check(result == nbytes, f"payload_len() returned {result!r}, expected {nbytes}")
+    return Sample({"bandwidth": nbytes / elapsed / 1e6}, {"elapsed_s": elapsed})
+
+
+def warm_payload_result(executor: Executor, ctx: Context) -> None:
+    nbytes = ctx.sizes.warmup_payload_bytes
+    executor.submit(make_payload, nbytes).result(timeout=ctx.timeout)
+
+
+def run_payload_result(executor: Executor, ctx: Context) -> Sample:
+    nbytes = ctx.sizes.payload_bytes
+    started = time.perf_counter()
+    result = executor.submit(make_payload, nbytes).result(timeout=ctx.timeout)
+    elapsed = time.perf_counter() - started
+    check(type(result) is bytes and len(result) == nbytes, "make_payload() returned wrong data")
+    del result
+    return Sample({"bandwidth": nbytes / elapsed / 1e6}, {"elapsed_s": elapsed})
+
+
+def run_cpu(executor: Executor, ctx: Context) -> Sample:
+    n, task_s = ctx.sizes.cpu_tasks, ctx.sizes.cpu_task_s
+    started = time.perf_counter()
+    futures = [executor.submit(spin, task_s) for _ in range(n)]
+    wait_all(futures, ctx.timeout)
+    wall = time.perf_counter() - started
+    check(all(f.result() == task_s for f in futures), "spin() returned wrong results")
+    return Sample({"wall": wall, "efficiency": n * task_s / (ctx.workers * wall)})
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario(
+            "map_c1",
+            "no-op map(), chunksize=1",
+            (Metric("throughput", "map noop chunksize=1", "tasks/s", True, ",.0f"),),
+            run_map(big_chunks=False),
+        ),
+        Scenario(
+            "map_c200",
+            "no-op map(), chunksize=200",
+            (Metric("throughput", "map noop chunksize=200", "tasks/s", True, ",.0f"),),
+            run_map(big_chunks=True),
+        ),
+        Scenario(
+            "submit",
+            "individual submit()s, then wait for all",
+            (Metric("throughput", "submit noop + wait all", "tasks/s", True, ",.0f"),),
+            run_submit,
+        ),
+        Scenario(
+            "latency",
+            "sequential submit(noop).result() round trips",
+            (
+                Metric("p50", "round trip latency p50", "µs", False, ",.1f", is_latency=True),
+                Metric("p99", "round trip latency p99", "µs", False, ",.1f", is_latency=True),
+            ),
+            run_latency,
+        ),
+        Scenario(
+            "arg_bytes",
+            "one task with a large bytes argument (returns its len)",
+            (Metric("bandwidth", "large bytes argument", "MB/s", True, ",.1f"),),
+            run_payload_arg,
+            warmup=warm_payload_arg,
+            needs_payload=True,
+        ),
+        Scenario(
+            "result_bytes",
+            "one task returning a large bytes result",
+            (Metric("bandwidth", "large bytes result", "MB/s", True, ",.1f"),),
+            run_payload_result,
+            warmup=warm_payload_result,
+        ),
+        Scenario(
+            "cpu",
+            "20 ms busy-loop tasks (parallel efficiency)",
+            (
+                Metric("wall", "cpu tasks wall time", "s", False, ",.3f"),
+                Metric("efficiency", "cpu tasks parallel efficiency", "of ideal", True, ".1%"),
+            ),
+            run_cpu,
+        ),
+    )
+}
+
+
+# --------------------------------------------------------------------------
+# Running and reporting
+# --------------------------------------------------------------------------
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def describe_sizes(scenario: Scenario, ctx: Context) -> str:
+    s = ctx.sizes
+    return {
+        "map_c1": f"{s.map_items:,} items",
+        "map_c200": f"{s.map_items:,} items",
+        "submit": f"{s.submit_items:,} tasks",
+        "latency": f"{s.latency_calls:,} round trips",
+        "arg_bytes": f"{s.payload_bytes / MiB:g} MiB",
+        "result_bytes": f"{s.payload_bytes / MiB:g} MiB",
+        "cpu": f"{s.cpu_tasks} x {s.cpu_task_s * 1000:g} ms",
+    }.get(scenario.name, "")
+
+
+@dataclass
+class ScenarioResult:
+    scenario: Scenario
+    samples: dict[str, list[Sample]]
+    errors: dict[str, str]
+
+    def values(self, metric: Metric, key: str) -> list[float]:
+        return [sample.values[metric.key] for sample in self.samples.get(key, [])]
+
+    def median(self, metric: Metric, key: str) -> float | None:
+        values = self.values(metric, key)
+        return statistics.median(values) if values else None
+
+    def ratio(self, metric: Metric) -> float | None:
+        """futurefed vs ProcessPoolExecutor, oriented so that > 1.0 favours futurefed."""
+        fed, ppe = self.median(metric, "fed"), self.median(metric, "ppe")
+        if not fed or not ppe:
+            return None
+        return fed / ppe if metric.higher_is_better else ppe / fed
+
+    def fed_over_ppe(self, metric: Metric) -> float | None:
+        fed, ppe = self.median(metric, "fed"), self.median(metric, "ppe")
+        return fed / ppe if fed and ppe else None
+
+
+def run_scenario(
+    scenario: Scenario, pool: ExecutorPool, ctx: Context, repeat: int
+) -> ScenarioResult:
+    keys = pool.keys
+    result = ScenarioResult(scenario, {key: [] for key in keys}, {})
+    log(f"[{scenario.name}] {scenario.summary}: {describe_sizes(scenario, ctx)}")
+    for rep in range(repeat):
+        order = keys if rep % 2 == 0 else keys[::-1]
+        for key in order:
+            if key in result.errors:
+                continue
+            try:
+                executor = pool.get(key)
+                warm_up(executor, ctx.workers, ctx.timeout)
+                if scenario.warmup is not None:
+                    scenario.warmup(executor, ctx)
+                gc.collect()
+                sample = scenario.run(executor, ctx)
+            except Exception as exc:  # noqa: BLE001 - report and carry on
+                result.errors[key] = f"{type(exc).__name__}: {exc}"
+                log(f"  rep {rep + 1}/{repeat} {key:>6}: FAILED {result.errors[key]}")
+                pool.discard(key)
+                continue
+            sample.raw["rep"] = rep
+            result.samples[key].append(sample)
+            shown = ", ".join(
+                f"{m.key}={format(sample.values[m.key], m.fmt)} {m.unit}" for m in scenario.metrics
+            )
+            log(f"  rep {rep + 1}/{repeat} {key:>6}: {shown}")
+    return result
+
+
+def format_table(rows: list[list[str]], right_align_from: int = 2) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+
+    def fmt(row: list[str]) -> str:
+        cells = [
+            cell.rjust(width) if i >= right_align_from else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(row, widths))
+        ]
+        return " | ".join(cells).rstrip()
+
+    rule = "-+-".join("-" * width for width in widths)
+    return "\n".join([fmt(rows[0]), rule, *(fmt(row) for row in rows[1:])])
+
+
+def render_report(results: Iterable[ScenarioResult], keys: Sequence[str]) -> str:
+    header = ["scenario", "unit", *(EXECUTOR_KINDS[k].label for k in keys), "ratio", "fed/ppe ×"]
+    rows = [header]
+    errors: list[str] = []
+    for result in results:
+        for metric in result.scenario.metrics:
+            row = [metric.label, f"{metric.unit} {'↑' if metric.higher_is_better else '↓'}"]
+            for key in keys:
+                median = result.median(metric, key)
+                row.append("ERROR" if key in result.errors else
+                           "-" if median is None else format(median, metric.fmt))
+            ratio = result.ratio(metric)
+            row.append("-" if ratio is None else f"{ratio:.2f}")
+            fed_over_ppe = result.fed_over_ppe(metric) if metric.is_latency else None
+            if fed_over_ppe is None:
+                row.append("")
+            else:
+                verdict = "ok" if fed_over_ppe <= LATENCY_TARGET else "OVER"
+                row.append(f"{fed_over_ppe:.2f}× {verdict}")
+            rows.append(row)
+        errors += [f"  {result.scenario.name}/{key}: {msg}" for key, msg in result.errors.items()]
+    lines = [
+        format_table(rows),
+        "",
+        "Medians of the repetitions. ↑ higher is better, ↓ lower is better.",
+        "ratio > 1.00 means futurefed is better (throughput: fed/ppe; latency and wall: ppe/fed).",
+        f"fed/ppe ×: futurefed latency as a multiple of ProcessPoolExecutor's "
+        f"(target ≤ {LATENCY_TARGET}×).",
+    ]
+    if errors:
+        lines += ["", "Errors:", *errors]
+    return "\n".join(lines)
+
+
+def build_json(
+    results: Sequence[ScenarioResult], meta: dict[str, Any], pool: ExecutorPool
+) -> dict[str, Any]:
+    scenarios: dict[str, Any] = {}
+    for result in results:
+        metrics: dict[str, Any] = {}
+        for metric in result.scenario.metrics:
+            metrics[metric.key] = {
+                "label": metric.label,
+                "unit": metric.unit,
+                "higher_is_better": metric.higher_is_better,
+                "samples": {k: result.values(metric, k) for k in pool.keys},
+                "median": {k: result.median(metric, k) for k in pool.keys},
+                "ratio": result.ratio(metric),
+                "fed_over_ppe": result.fed_over_ppe(metric),
+            }
+        scenarios[result.scenario.name] = {
+            "summary": result.scenario.summary,
+            "metrics": metrics,
+            "raw": {k: [asdict(s) for s in result.samples[k]] for k in pool.keys},
+            "errors": result.errors,
+        }
+    executors = {
+        k: {"label": EXECUTOR_KINDS[k].label, "startup_s": pool.startup_s[k]} for k in pool.keys
+    }
+    return {"meta": meta, "executors": executors, "scenarios": scenarios}
+
+
+def collect_meta(args: argparse.Namespace, sizes: Sizes, repeat: int) -> dict[str, Any]:
+    import multiprocessing
+
+    meta: dict[str, Any] = {
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "argv": sys.argv,
+        "python": sys.version,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "mp_start_method": multiprocessing.get_start_method(),
+        "workers": args.workers,
+        "repeat": repeat,
+        "quick": args.quick,
+        "timeout_s": args.timeout,
+        "executors": args.executors,
+        "scenarios": args.only,
+        "sizes": asdict(sizes),
+    }
+    if "fed" in args.executors:
+        try:
+            futurefed = import_futurefed()
+            meta["futurefed_version"] = getattr(futurefed, "__version__", None)
+            meta["futurefed_file"] = getattr(futurefed, "__file__", None)
+        except ImportError:
+            pass
+    return meta
+
+
+def time_payload_build(nbytes: int) -> float:
+    """How long make_payload() takes here: the floor inside result_bytes' timing."""
+    timings = []
+    for _ in range(3):
+        started = time.perf_counter()
+        data = make_payload(nbytes)
+        timings.append(time.perf_counter() - started)
+        del data
+    return statistics.median(timings)
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+
+
+def comma_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = [name for name in names if name not in choices]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(
+                f"unknown name(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(choices)}"
+            )
+        return list(dict.fromkeys(names))
+
+    return parse
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Benchmark futurefed.FederatedExecutor against ProcessPoolExecutor.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="scenarios:\n"
+        + "\n".join(f"  {s.name:<13} {s.summary}" for s in SCENARIOS.values()),
+    )
+    parser.add_argument(
+        "--workers", type=positive_int, default=os.cpu_count() or 1,
+        help="workers per executor (default: os.cpu_count() = %(default)s)",
+    )
+    parser.add_argument(
+        "--repeat", type=positive_int, default=None,
+        help="repetitions per scenario and executor; the median is reported "
+        "(default: 5, or 1 with --quick)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="smoke test: repeat=1 and 1/10 of the sizes",
+    )
+    parser.add_argument(
+        "--only", type=comma_list(list(SCENARIOS)), default=list(SCENARIOS),
+        metavar="NAME[,NAME]", help="scenarios to run (default: all)",
+    )
+    parser.add_argument(
+        "--executors", type=comma_list(list(EXECUTOR_KINDS)), default=list(DEFAULT_EXECUTORS),
+        metavar="NAME[,NAME]",
+        help="executors to compare: fed, ppe, thread (default: fed,ppe)",
+    )
+    parser.add_argument("--json", type=Path, metavar="PATH", help="write raw samples and medians")
+    parser.add_argument(
+        "--timeout", type=float, default=120.0, metavar="SECONDS",
+        help="give up on a sample after this long; the executor is then replaced (default: 120)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    repeat = args.repeat if args.repeat is not None else (1 if args.quick else 5)
+    sizes = Sizes().scaled_down(10) if args.quick else Sizes()
+    scenarios = [s for s in SCENARIOS.values() if s.name in args.only]  # canonical order
+    if "fed" in args.executors:
+        try:
+            federated_executor_class()
+        except ExecutorUnavailable as exc:
+            log(f"error: {exc}")
+            return 2
+    ctx = Context(sizes=sizes, workers=args.workers, timeout=args.timeout)
+    meta = collect_meta(args, sizes, repeat)
+    run_started = time.perf_counter()
+
+    if any(s.needs_payload for s in scenarios):
+        ctx.payload = make_payload(sizes.payload_bytes)
+        ctx.warmup_payload = make_payload(sizes.warmup_payload_bytes)
+    if "result_bytes" in args.only:
+        meta["payload_build_s"] = time_payload_build(sizes.payload_bytes)
+
+    # Keep the table's column order as given, but always put futurefed first.
+    keys = sorted(args.executors, key=lambda k: (k != "fed", args.executors.index(k)))
+    pool = ExecutorPool(keys, args.workers, args.timeout)
+    log(
+        f"futurefed benchmark: workers={args.workers} repeat={repeat} "
+        f"executors={','.join(keys)}{' (quick)' if args.quick else ''}"
+    )
+    results: list[ScenarioResult] = []
+    clean_exit = False
+    try:
+        try:
+            pool.start_all()
+        except ExecutorUnavailable as exc:
+            log(f"error: {exc}")
+            clean_exit = True
+            return 2
+        for key in keys:
+            log(f"  {key} ready in {pool.startup_s[key][0]:.2f}s (startup is not timed)")
+        for scenario in scenarios:
+            results.append(run_scenario(scenario, pool, ctx, repeat))
+        clean_exit = True
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    finally:
+        pool.close(wait_for_workers=clean_exit)
+
+    elapsed = time.perf_counter() - run_started
+    meta["elapsed_s"] = elapsed
+    meta["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+
+    load = ""
+    if meta["loadavg_start"] and meta["loadavg_end"]:
+        load = f"  load1={meta['loadavg_start'][0]:.2f}->{meta['loadavg_end'][0]:.2f}"
+    print(
+        f"\nworkers={args.workers}  repeat={repeat}  sizes={'quick (1/10)' if args.quick else 'full'}"
+        f"  python={platform.python_version()}  cpus={os.cpu_count()}{load}"
+    )
+    print(render_report(results, keys))
+    if "payload_build_s" in meta:
+        print(
+            f"result_bytes includes building the payload in the worker "
+            f"(~{meta['payload_build_s'] * 1000:.0f} ms here)."
+        )
+    print(f"Total run time: {elapsed:.1f}s")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(build_json(results, meta, pool), indent=1) + "\n")
+        print(f"Raw samples written to {args.json}")
+    return 1 if any(result.errors for result in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""The origin's agent thread: the only owner of the origin's DEALER socket.
+
+User threads never touch a socket. ``submit`` appends a command to a deque
+and wakes the agent through an inproc PAIR socket (coalesced: one wake-up per
+batch of commands). The agent sends tasks in one SUBMIT per wake-up, matches
+RESULTS to futures, marks futures running on STARTED, and breaks the executor
+when an initializer fails. It stops once asked to and every future is done,
+then says BYE and closes the embedded federation it owns, if any.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import threading
+import weakref
+from collections import deque
+from concurrent import futures
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
+
+import zmq
+
+from . import protocol as p
+from .errors import BrokenFederation, FederationLost, RemoteProtocolError
+from .outcome import initializer_failure, resolve_future
+
+__all__ = ["Agent", "BrokenState"]
+
+logger = logging.getLogger(__name__)
+
+MAX_DRAIN = 512
+POLL_SECONDS = 1.0
+
+_SUBMIT, _CANCEL, _STOP = range(3)
+
+
+class BrokenState:
+    """Shared between an executor and its agent: the shutdown lock and why
+    the executor is broken, if it is."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.broken: Optional[BrokenFederation] = None
+
+
+class Agent(threading.Thread):
+    """Moves tasks and results between an executor and one broker."""
+
+    _wake_ids = itertools.count()
+
+    def __init__(
+        self,
+        address: str,
+        shared: BrokenState,
+        *,
+        federation: Any = None,
+        context: Optional[zmq.Context] = None,  # type: ignore[type-arg]
+    ) -> None:
+        super().__init__(name="futurefed-agent", daemon=True)
+        self.address = address
+        self.shared = shared
+        self.federation = federation  # closed by the agent when it ends
+        self.ctx = context or zmq.Context.instance()
+        self.pending: Dict[int, futures.Future] = {}  # type: ignore[type-arg]
+        self._ids = itertools.count(1)
+        self._commands: Deque[Tuple[Any, ...]] = deque()
+        self._wake_address = f"inproc://futurefed-agent-{os.getpid()}-{next(self._wake_ids)}"
+        self._wake_lock = threading.Lock()
+        self._woken = False
+        self._wake_tx = self.ctx.socket(zmq.PAIR)
+        self._wake_tx.setsockopt(zmq.LINGER, 0)
+        self._wake_tx.connect(self._wake_address)
+        self._stopping = False
+        self._sent_blobs: Set[bytes] = set()
+        self._handlers: Dict[p.Command, Callable[[Any], None]] = {
+            p.Command.WELCOME: lambda message: None,
+            p.Command.REFUSE: self._on_refuse,
+            p.Command.RESULTS: self._on_results,
+            p.Command.STARTED: self._on_started,
+            p.Command.HEARTBEAT: lambda message: None,
+        }
+
+    # -- called from user threads ------------------------------------------------
+
+    def submit(
+        self, fn: Tuple[bytes, bytes], init: Tuple[bytes, Optional[bytes]], frames: List[Any]
+    ) -> futures.Future:  # type: ignore[type-arg]
+        """A new future for a task that the agent will send."""
+        future: futures.Future = futures.Future()  # type: ignore[type-arg]
+        task_id = next(self._ids)
+        future._futurefed_id = task_id  # type: ignore[attr-defined]
+        self._commands.append((_SUBMIT, task_id, future, fn, init, frames))
+        self._wake()
+        return future
+
+    def cancel(self, task_id: int) -> None:
+        self._commands.append((_CANCEL, task_id))
+        self._wake()
+
+    def stop(self) -> None:
+        """Finish the pending work, then close (does not wait)."""
+        self._commands.append((_STOP,))
+        self._wake()
+
+    def _wake(self) -> None:
+        with self._wake_lock:
+            if self._woken or self._wake_tx is None:
+                return
+            self._woken = True
+            self._wake_tx.send(b"")
+
+    # -- the thread ------------------------------------------------------------------
+
+    def run(self) -> None:
+        wake_rx = self.ctx.socket(zmq.PAIR)
+        wake_rx.bind(self._wake_address)
+        dealer = self.ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 2000)
+        dealer.setsockopt(zmq.SNDHWM, 0)
+        dealer.setsockopt(zmq.RCVHWM, 0)
+        dealer.connect(self.address)
+        self._dealer = dealer
+        try:
+            self._send(p.Hello({
+                "role": "origin",
+                "name": f"origin-{os.getpid()}",
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+            }))
+            self._serve(wake_rx)
+            self._send(p.Bye())
+        except Exception as exc:  # a bug here must not leave futures hanging
+            logger.exception("futurefed agent failed")
+            self._break(FederationLost(f"the agent thread failed: {exc!r}"))
+        finally:
+            with self._wake_lock:
+                self._wake_tx.close()
+                self._wake_tx = None
+            wake_rx.close()
+            dealer.close()
+            if self.federation is not None:
+                self.federation.close()
+
+    def _serve(self, wake_rx: Any) -> None:
+        poller = zmq.Poller()
+        poller.register(wake_rx, zmq.POLLIN)
+        poller.register(self._dealer, zmq.POLLIN)
+        while True:
+            events = dict(poller.poll(POLL_SECONDS * 1000))
+            if wake_rx in events:
+                with self._wake_lock:
+                    self._woken = False
+                while wake_rx.poll(0):
+                    wake_rx.recv()
+            self._take_commands()
+            if self._dealer in events:
+                self._drain()
+            if self._stopping and not self.pending:
+                return
+
+    def _take_commands(self) -> None:
+        submits: List[p.TaskRecord] = []
+        blobs: Dict[bytes, Any] = {}
+        cancels: List[int] = []
+        commands = self._commands
+        while commands:
+            command = commands.popleft()
+            kind = command[0]
+            if kind == _SUBMIT:
+                _, task_id, future, fn, init, frames = command
+                if future.done():  # cancelled before it left
+                    continue
+                if self.shared.broken is not None:
+                    future.set_exception(self.shared.broken)
+                    continue
+                self.pending[task_id] = future
+                for digest, blob in (fn, init):
+                    if blob is not None and digest not in self._sent_blobs:
+                        self._sent_blobs.add(digest)
+                        blobs[digest] = blob
+                submits.append(p.TaskRecord(task_id, fn[0], init[0], frames))
+            elif kind == _CANCEL:
+                if self.pending.pop(command[1], None) is not None:
+                    cancels.append(command[1])
+            else:
+                self._stopping = True
+        if submits:
+            self._send(p.Submit(submits, blobs))
+        if cancels:
+            self._send(p.Cancel(cancels))
+
+    def _drain(self) -> None:
+        for _ in range(MAX_DRAIN):
+            try:
+                frames = self._dealer.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                message = p.decode(frames)
+                handler = self._handlers.get(message.command)
+                if handler is None:
+                    raise RemoteProtocolError(f"{message.command.name} is not for an origin")
+                handler(message)
+            except RemoteProtocolError as exc:
+                logger.warning("origin dropped a message from its broker: %s", exc)
+
+    def _send(self, message: p.Message) -> None:
+        self._dealer.send_multipart(p.encode(message), copy=False)
+
+    # -- messages from the broker ------------------------------------------------------
+
+    def _on_refuse(self, message: p.Refuse) -> None:
+        self._break(FederationLost(f"the broker at {self.address} refused us: {message.reason}"))
+
+    def _on_started(self, message: p.Started) -> None:
+        for task_id in message.ids:
+            future = self.pending.get(task_id)
+            if future is not None and not future.done() and not future.running():
+                future.set_running_or_notify_cancel()
+
+    def _on_results(self, message: p.Results) -> None:
+        for record in message.results:
+            future = self.pending.pop(record.task_id, None)
+            if future is None:
+                continue
+            if record.status is p.Status.INIT_FAILED:
+                self.pending[record.task_id] = future
+                self._break(initializer_failure(record.frames))
+                return
+            resolve_future(future, record)
+
+    def _break(self, error: BrokenFederation) -> None:
+        """Fail every pending future with ``error``; later submits raise it."""
+        with self.shared.lock:
+            if self.shared.broken is None:
+                self.shared.broken = error
+        pending, self.pending = self.pending, {}
+        for future in pending.values():
+            try:
+                future.set_exception(error)
+            except futures.InvalidStateError:
+                pass  # cancelled or finished by the user meanwhile
+
+
+def watch_executor(executor: Any, agent: Agent) -> "weakref.ref[Any]":
+    """Stop ``agent`` once ``executor`` is garbage-collected (the callback
+    must not keep the executor alive, so it closes over the agent only)."""
+    return weakref.ref(executor, lambda _: agent.stop())

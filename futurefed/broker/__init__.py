@@ -1,0 +1,1 @@
+"""The broker: ``state`` (sans-I/O scheduling) and ``core`` (its poll loop)."""

@@ -1,0 +1,294 @@
+"""The broker's scheduling state, sans I/O: frames in, frames out.
+
+:meth:`BrokerState.receive` takes one message from a peer (its ROUTER
+identity and frames) and updates the state; :meth:`BrokerState.pump` hands
+queued tasks to workers that have credit and returns every message to send,
+coalescing results and start notices per origin. Tests drive it with plain
+lists of frames; ``core.py`` connects it to sockets.
+
+The broker reads headers and indexes only. Payload frames (pickled calls,
+results, function blobs) are forwarded as the very objects received, so a
+zero-copy frame stays zero-copy and nothing is ever unpickled here.
+
+Task ids are hop-local: an origin numbers its own tasks, the broker gives every
+dispatched task a fresh id of its own and maps the worker's answer back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
+
+from .. import protocol as p
+from ..errors import RemoteProtocolError
+
+__all__ = ["BrokerState", "Peer", "QueuedTask"]
+
+logger = logging.getLogger(__name__)
+
+Outgoing = Tuple[bytes, List[Any]]
+
+ORIGIN = "origin"
+WORKER = "worker"
+ROLES = (ORIGIN, WORKER)
+
+
+class Peer:
+    """A connected origin or worker (a worker is also an origin when its
+    tasks submit tasks)."""
+
+    __slots__ = ("ident", "role", "name", "host", "pid", "credit", "known", "inflight", "cancels")
+
+    def __init__(self, ident: bytes, meta: Dict[str, Any]) -> None:
+        self.ident = ident
+        self.role = str(meta.get("role"))
+        self.name = str(meta.get("name", "?"))[:200]
+        self.host = str(meta.get("host", "?"))[:200]
+        pid = meta.get("pid")
+        self.pid = pid if isinstance(pid, int) else None
+        self.credit = 0
+        self.known: Set[bytes] = set()  # function blobs this worker already has
+        self.inflight: Dict[int, "QueuedTask"] = {}  # broker id -> task at this worker
+        self.cancels: List[int] = []  # broker ids to cancel at this worker
+
+    def __repr__(self) -> str:
+        return f"<{self.role} {self.name} on {self.host} pid {self.pid}>"
+
+
+class QueuedTask:
+    """A task the broker holds: queued, or dispatched to ``worker``."""
+
+    __slots__ = ("origin", "task_id", "fn", "init", "frames", "worker", "bid", "cancelled")
+
+    def __init__(self, origin: bytes, record: p.TaskRecord) -> None:
+        self.origin = origin
+        self.task_id = record.task_id
+        self.fn = record.fn
+        self.init = record.init
+        self.frames = record.frames
+        self.worker: Optional[bytes] = None
+        self.bid = 0
+        self.cancelled = False
+
+
+class BrokerState:
+    """Queue, credits and routing tables of one broker."""
+
+    def __init__(self, name: str = "broker") -> None:
+        self.name = name
+        self.peers: Dict[bytes, Peer] = {}
+        self.queue: Deque[QueuedTask] = deque()
+        self.queued = 0  # live (not cancelled) tasks in ``queue``
+        self.tasks: Dict[Tuple[bytes, int], QueuedTask] = {}  # (origin, origin's id) -> task
+        self.blobs: Dict[bytes, Any] = {}
+        self.ready: Dict[bytes, Peer] = {}  # workers with credit, in service order
+        self.done = 0
+        self._next_bid = 1
+        self._out: List[Outgoing] = []
+        self._results: Dict[bytes, List[p.ResultRecord]] = {}
+        self._started: Dict[bytes, List[int]] = {}
+        self._handlers: Dict[p.Command, Callable[[bytes, Any], None]] = {
+            p.Command.HELLO: self._on_hello,
+            p.Command.SUBMIT: self._on_submit,
+            p.Command.CREDIT: self._on_credit,
+            p.Command.RESULTS: self._on_results,
+            p.Command.STARTED: self._on_started,
+            p.Command.CANCEL: self._on_cancel,
+            p.Command.HEARTBEAT: self._on_heartbeat,
+            p.Command.BYE: self._on_bye,
+        }
+
+    # -- input ---------------------------------------------------------------
+
+    def receive(self, ident: bytes, frames: List[Any]) -> None:
+        """Take one message from peer ``ident``; malformed input is logged and
+        dropped, never raised."""
+        try:
+            message = p.decode(frames)
+            handler = self._handlers.get(message.command)
+            if handler is None:
+                raise RemoteProtocolError(f"{message.command.name} is not for a broker")
+            if message.command is not p.Command.HELLO and ident not in self.peers:
+                raise RemoteProtocolError(f"{message.command.name} before HELLO")
+            handler(ident, message)
+        except RemoteProtocolError as exc:
+            logger.warning("dropped a message from %s: %s", self._describe(ident), exc)
+
+    def _describe(self, ident: bytes) -> str:
+        peer = self.peers.get(ident)
+        return repr(peer) if peer is not None else f"unknown peer {ident.hex()}"
+
+    def _on_hello(self, ident: bytes, message: p.Hello) -> None:
+        role = message.meta.get("role")
+        if role not in ROLES:
+            self._send(ident, p.Refuse(f"unknown role {role!r}"))
+            raise RemoteProtocolError(f"HELLO with unknown role {role!r}")
+        if ident in self.peers:
+            self._drop_peer(ident)
+        peer = self.peers[ident] = Peer(ident, message.meta)
+        logger.info("%s joined", peer)
+        self._send(ident, p.Welcome({"broker": self.name}))
+
+    def _on_submit(self, ident: bytes, message: p.Submit) -> None:
+        self.blobs.update(message.blobs)
+        for record in message.tasks:
+            key = (ident, record.task_id)
+            if key in self.tasks:
+                logger.warning("%s reused task id %d", self._describe(ident), record.task_id)
+                continue
+            task = QueuedTask(ident, record)
+            missing = [d for d in (task.fn, task.init) if d != p.NO_INIT and d not in self.blobs]
+            if missing:
+                self._reject(task, f"the broker has no function blob {missing[0].hex()}")
+                continue
+            self.tasks[key] = task
+            self.queue.append(task)
+            self.queued += 1
+
+    def _on_credit(self, ident: bytes, message: p.Credit) -> None:
+        peer = self.peers[ident]
+        if peer.role != WORKER:
+            raise RemoteProtocolError("CREDIT from a non-worker")
+        peer.credit += message.count
+        if peer.credit > 0:
+            self.ready[ident] = peer
+
+    def _on_results(self, ident: bytes, message: p.Results) -> None:
+        peer = self.peers[ident]
+        for record in message.results:
+            task = peer.inflight.pop(record.task_id, None)
+            if task is None:
+                continue  # cancelled origin, or a duplicate: nobody waits for it
+            self.done += 1
+            if task.cancelled:
+                continue
+            del self.tasks[(task.origin, task.task_id)]
+            record.task_id = task.task_id
+            self._results.setdefault(task.origin, []).append(record)
+
+    def _on_started(self, ident: bytes, message: p.Started) -> None:
+        inflight = self.peers[ident].inflight
+        for bid in message.ids:
+            task = inflight.get(bid)
+            if task is not None and not task.cancelled:
+                self._started.setdefault(task.origin, []).append(task.task_id)
+
+    def _on_cancel(self, ident: bytes, message: p.Cancel) -> None:
+        for task_id in message.ids:
+            task = self.tasks.pop((ident, task_id), None)
+            if task is not None:
+                self._cancel(task)
+
+    def _on_heartbeat(self, ident: bytes, message: p.Message) -> None:
+        pass  # any message is proof of life; liveness tracking lives in core
+
+    def _on_bye(self, ident: bytes, message: p.Message) -> None:
+        self._drop_peer(ident)
+
+    # -- state changes -------------------------------------------------------
+
+    def _cancel(self, task: QueuedTask) -> None:
+        """Forget ``task``; a worker holding it is asked to drop it."""
+        task.cancelled = True
+        if task.worker is None:
+            self.queued -= 1
+        else:
+            worker = self.peers.get(task.worker)
+            if worker is not None:
+                worker.cancels.append(task.bid)
+
+    def _reject(self, task: QueuedTask, reason: str) -> None:
+        record = p.ResultRecord(task.task_id, p.Status.REJECTED, [reason.encode()])
+        self._results.setdefault(task.origin, []).append(record)
+
+    def _drop_peer(self, ident: bytes) -> None:
+        """A peer left: requeue the tasks it was running, forget the tasks it
+        submitted."""
+        peer = self.peers.pop(ident, None)
+        if peer is None:
+            return
+        logger.info("%s left", peer)
+        self.ready.pop(ident, None)
+        self._results.pop(ident, None)
+        self._started.pop(ident, None)
+        for task in peer.inflight.values():
+            if not task.cancelled:
+                task.worker = None
+                self.queue.appendleft(task)
+                self.queued += 1
+        peer.inflight.clear()
+        for key in [key for key in self.tasks if key[0] == ident]:
+            self._cancel(self.tasks.pop(key))
+
+    def drop_all(self) -> List[Outgoing]:
+        """Shutting down: tell every worker to exit."""
+        for ident, peer in self.peers.items():
+            if peer.role == WORKER:
+                self._send(ident, p.Shutdown())
+        out, self._out = self._out, []
+        return out
+
+    # -- output --------------------------------------------------------------
+
+    def _send(self, ident: bytes, message: p.Message) -> None:
+        self._out.append((ident, p.encode(message)))
+
+    def pump(self) -> List[Outgoing]:
+        """Dispatch what can be dispatched; return every message to send."""
+        self._dispatch()
+        for ident, peer in self.peers.items():
+            if peer.cancels:
+                self._send(ident, p.Cancel(peer.cancels))
+                peer.cancels = []
+        for origin, ids in self._started.items():
+            self._send(origin, p.Started(ids))
+        self._started.clear()
+        for origin, results in self._results.items():
+            self._send(origin, p.Results(results))
+        self._results.clear()
+        out, self._out = self._out, []
+        return out
+
+    def _dispatch(self) -> None:
+        queue, ready = self.queue, self.ready
+        while self.queued and ready:
+            ident, worker = next(iter(ready.items()))
+            del ready[ident]
+            share = -(-self.queued // (len(ready) + 1))  # ceil: spread over ready workers
+            batch: List[p.TaskRecord] = []
+            blobs: Dict[bytes, Any] = {}
+            while queue and len(batch) < min(worker.credit, share):
+                task = queue.popleft()
+                if task.cancelled:
+                    continue
+                self.queued -= 1
+                task.worker, task.bid = ident, self._next_bid
+                self._next_bid += 1
+                worker.inflight[task.bid] = task
+                for blob in (task.fn, task.init):
+                    if blob != p.NO_INIT and blob not in worker.known:
+                        blobs[blob] = self.blobs[blob]
+                        worker.known.add(blob)
+                batch.append(p.TaskRecord(task.bid, task.fn, task.init, task.frames))
+            worker.credit -= len(batch)
+            if batch:
+                self._send(ident, p.Tasks(batch, blobs))
+            if worker.credit > 0:
+                ready[ident] = worker  # to the back of the line
+        while queue and queue[0].cancelled:
+            queue.popleft()
+
+    # -- reporting -----------------------------------------------------------
+
+    def load(self) -> Dict[str, int]:
+        """Numbers for the meta socket and status queries."""
+        workers = [peer for peer in self.peers.values() if peer.role == WORKER]
+        return {
+            "queued": self.queued,
+            "running": sum(len(w.inflight) for w in workers),
+            "done": self.done,
+            "credit": sum(w.credit for w in workers),
+            "workers": len(workers),
+            "hosts": len({w.host for w in workers}),
+        }

@@ -1,0 +1,110 @@
+"""Configuration from the environment (the manual-launch contract of
+DESIGN.md §1.3), validated in one place.
+
+Every invalid value raises :class:`ConfigError` with a one-line message that
+names the variable, so command-line entry points can print it and exit.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Mapping, Optional, Tuple
+
+from .errors import ConfigError
+
+__all__ = ["Environment", "check_address", "meta_address_for", "from_environ"]
+
+DEFAULT_BROKER_ADDRESS = "tcp://127.0.0.1:5555"
+DEFAULT_META_ADDRESS = "tcp://127.0.0.1:5556"
+
+_TCP = re.compile(r"^tcp://(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-*]+):(?P<port>\d+|\*)$")
+
+
+def check_address(value: str, name: str = "address") -> str:
+    """``value`` if it is a ZeroMQ endpoint we can use, else ConfigError."""
+    value = value.strip()
+    match = _TCP.match(value)
+    if match:
+        port = match.group("port")
+        if port != "*" and not 0 <= int(port) <= 65535:
+            raise ConfigError(f"{name}={value!r}: port {port} is out of range")
+        return value
+    if value.startswith(("ipc://", "inproc://")) and len(value) > len("ipc://"):
+        return value
+    raise ConfigError(f"{name}={value!r} is not an address like tcp://HOST:PORT")
+
+
+def meta_address_for(task_address: str) -> str:
+    """The default meta address: the task address with its port plus one."""
+    match = _TCP.match(task_address)
+    if not match or match.group("port") == "*":
+        raise ConfigError(f"cannot derive a meta address from {task_address!r}")
+    return f"tcp://{match.group('host')}:{int(match.group('port')) + 1}"
+
+
+def _flag(environ: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r} must be 1 or 0")
+
+
+def _addresses(environ: Mapping[str, str], name: str) -> Tuple[str, ...]:
+    raw = environ.get(name, "")
+    return tuple(check_address(item, name) for item in re.split(r"[\s,]+", raw) if item)
+
+
+@dataclass(frozen=True)
+class Environment:
+    """What the manual-launch variables say (defaults as in DESIGN.md §1.3)."""
+
+    is_origin: bool = True
+    worker_name: str = "origin"
+    broker_name: str = "broker"
+    broker_address: str = DEFAULT_BROKER_ADDRESS
+    meta_address: str = DEFAULT_META_ADDRESS
+    broker_addresses: Tuple[str, ...] = ()
+    meta_addresses: Tuple[str, ...] = ()
+    #: True when BROKER_ADDRESS was set, i.e. a federation is configured.
+    configured: bool = False
+
+
+def from_environ(environ: Optional[Mapping[str, str]] = None) -> Environment:
+    """Read and validate the manual-launch variables."""
+    env = os.environ if environ is None else environ
+    broker_address = check_address(
+        env.get("BROKER_ADDRESS") or DEFAULT_BROKER_ADDRESS, "BROKER_ADDRESS"
+    )
+    meta = env.get("META_ADDRESS")
+    if meta:
+        meta_address = check_address(meta, "META_ADDRESS")
+    elif env.get("BROKER_ADDRESS"):
+        meta_address = meta_address_for(broker_address)
+    else:
+        meta_address = DEFAULT_META_ADDRESS
+    broker_addresses = _addresses(env, "BROKER_ADDRESSES")
+    meta_addresses = _addresses(env, "META_ADDRESSES") or tuple(
+        meta_address_for(address) for address in broker_addresses
+    )
+    if len(meta_addresses) != len(broker_addresses):
+        raise ConfigError(
+            f"META_ADDRESSES has {len(meta_addresses)} entries, "
+            f"BROKER_ADDRESSES has {len(broker_addresses)}"
+        )
+    return Environment(
+        is_origin=_flag(env, "IS_ORIGIN", True),
+        worker_name=env.get("WORKER_NAME") or "origin",
+        broker_name=env.get("BROKER_NAME") or "broker",
+        broker_address=broker_address,
+        meta_address=meta_address,
+        broker_addresses=broker_addresses,
+        meta_addresses=meta_addresses,
+        configured=bool(env.get("BROKER_ADDRESS")),
+    )

@@ -1,0 +1,296 @@
+"""FederatedExecutor: ``concurrent.futures`` on a federation of brokers.
+
+Data flow (origin side; see docs/architecture.md for the whole picture)::
+
+    submit()/map()            agent thread                 broker              worker
+    +-----------+  deque +   +--------------+  DEALER    +-----------+ ROUTER +----------------+
+    | pickle    | -------->  | SUBMIT batch | ---------> | queue,    | -----> | hub greenlet:  |
+    | args, fn  |  inproc    | match RESULTS| <--------- | credits,  | <----- | one greenlet   |
+    | -> Future |  wake-up   | -> futures   |  RESULTS   | routing   | RESULTS| per task       |
+    +-----------+            +--------------+  STARTED   +-----------+        +----------------+
+
+What happens when ``submit(fn, *args)`` is called:
+
+1. The arguments are pickled at once (cloudpickle, protocol 5, large buffers
+   out-of-band), so an unpicklable argument raises here, in the caller.
+   ``fn`` is pickled once per executor and named by a digest afterwards.
+2. A plain ``concurrent.futures.Future`` is created and the task is handed to
+   the agent thread, which alone owns the socket; it sends every task queued
+   since it last woke in one SUBMIT message.
+3. The broker queues the task and hands it to a worker that has credit. The
+   worker tells (STARTED) before it runs a task, so a future stays PENDING,
+   and cancellable, while its task waits in a queue.
+4. The result comes back in a RESULTS batch; the agent settles the future.
+
+Inside a worker, ``FederatedExecutor()`` talks through the worker's own
+connection instead and hands out GreenFutures: a task waiting on them parks
+and the worker runs other tasks meanwhile.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+import threading
+import time
+import types
+import weakref
+from concurrent import futures
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple
+
+from . import config, protocol, serialize
+from ._agent import Agent, BrokenState, watch_executor
+from .outcome import chunk_results
+
+__all__ = ["FederatedExecutor"]
+
+_live_agents: "weakref.WeakSet[Agent]" = weakref.WeakSet()
+_exiting = False
+
+
+def _python_exit() -> None:
+    """At interpreter exit: let every agent finish its work and close."""
+    global _exiting
+    _exiting = True
+    agents = list(_live_agents)
+    for agent in agents:
+        agent.stop()
+    for agent in agents:
+        agent.join()
+
+
+if hasattr(threading, "_register_atexit"):
+    # Runs before non-daemon threads are joined, as for the stdlib executors.
+    threading._register_atexit(_python_exit)
+else:  # pragma: no cover
+    import atexit
+
+    atexit.register(_python_exit)
+
+
+class _WorkerTransport:
+    """Submission through the connection of the worker we run in."""
+
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+
+    def submit(self, fn: Tuple[bytes, bytes], init: Any, frames: List[Any]) -> futures.Future:  # type: ignore[type-arg]
+        return self.worker.submit(fn, init, frames)  # type: ignore[no-any-return]
+
+    def cancel(self, task_id: int) -> None:
+        self.worker.cancel(task_id)
+
+    def stop(self) -> None:
+        pass  # the worker's connection outlives the executor
+
+
+def _chunks(iterable: Iterable[Any], size: int) -> Iterator[List[Any]]:
+    iterator = iter(iterable)
+    while True:
+        chunk = list(itertools.islice(iterator, size))
+        if not chunk:
+            return
+        yield chunk
+
+
+class FederatedExecutor(futures.Executor):
+    """An Executor whose tasks run on the workers of a broker federation.
+
+    Where it runs, in this order: ``address`` given → join that broker; inside
+    a futurefed worker → submit through that worker; the environment names a
+    broker (``BROKER_ADDRESS``, as set by ``fedrun``) → join it; otherwise start
+    an embedded local federation of one broker and ``max_workers`` workers
+    that lives and dies with this executor.
+
+    Args:
+        max_workers: workers of the embedded federation (default
+            ``os.cpu_count()``); must be positive.
+        initializer: called as ``initializer(*initargs)`` in each worker
+            before the first of this executor's tasks runs there. If it raises,
+            the executor is broken: pending and later work fail with
+            :class:`~futurefed.errors.InitializerFailed`.
+        initargs: arguments of ``initializer``.
+        address: a broker's task socket to join instead.
+
+    Functions are pickled once per executor (cloudpickle, so lambdas,
+    closures and ``__main__`` functions work); globals they capture by value
+    are those of the first submission.
+    """
+
+    def __init__(
+        self,
+        max_workers: Optional[int] = None,
+        *,
+        initializer: Optional[Callable[..., Any]] = None,
+        initargs: Tuple[Any, ...] = (),
+        address: Optional[str] = None,
+    ) -> None:
+        if max_workers is not None and max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        self._shared = BrokenState()
+        self._shutdown = False
+        self._pending: "set[futures.Future[Any]]" = set()
+        self._functions: "weakref.WeakKeyDictionary[Any, Tuple[bytes, bytes]]" = (
+            weakref.WeakKeyDictionary()
+        )
+        self._init: Tuple[bytes, Optional[bytes]] = (protocol.NO_INIT, None)
+        if initializer is not None:
+            self._init = serialize.dump_function((initializer, tuple(initargs)))
+        self._transport: Any = self._connect(max_workers, address)
+
+    def _connect(self, max_workers: Optional[int], address: Optional[str]) -> Any:
+        from .worker.green import current_hub
+
+        hub = current_hub()
+        if address is None and hub is not None:
+            worker = hub.owner
+            if self._init[1] is None:
+                self._init = worker.current_init()
+            return _WorkerTransport(worker)
+        federation = None
+        if address is not None:
+            address = config.check_address(address, "address")
+        else:
+            env = config.from_environ()
+            if env.configured and env.is_origin:
+                address = env.broker_address
+            else:
+                from .local import LocalFederation
+
+                federation = LocalFederation(max_workers or os.cpu_count() or 1)
+                address = federation.address
+        agent = Agent(address, self._shared, federation=federation)
+        agent.start()
+        _live_agents.add(agent)
+        self._watch = watch_executor(self, agent)
+        return agent
+
+    # -- the Executor API ----------------------------------------------------------------
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future:  # type: ignore[type-arg]
+        """Schedule ``fn(*args, **kwargs)``; returns a Future.
+
+        Raises:
+            RuntimeError: after ``shutdown()``.
+            BrokenFederation: the executor is broken.
+            SerializationError: ``fn`` or an argument cannot be pickled.
+        """
+        self._check_open()
+        return self._submit(fn, serialize.dumps((args, kwargs)))
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: Optional[float] = None,
+        chunksize: int = 1,
+    ) -> Iterator[Any]:
+        """Like ``map(fn, *iterables)``, run concurrently.
+
+        Results come in input order; a task's error is raised when the
+        iterator reaches its position. ``timeout`` counts from this call.
+        With ``chunksize > 1``, items travel and run in chunks of that size,
+        each chunk one message and one task.
+        """
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        end_time = None if timeout is None else timeout + time.monotonic()
+        if chunksize == 1:
+            fs = [self.submit(fn, *args) for args in zip(*iterables)]
+        else:
+            self._check_open()
+            fs = [
+                self._submit(fn, serialize.dumps((chunk, None)))
+                for chunk in _chunks(zip(*iterables), chunksize)
+            ]
+        return self._results(fs, end_time, chunked=chunksize > 1)
+
+    @staticmethod
+    def _results(
+        fs: "List[futures.Future[Any]]", end_time: Optional[float], chunked: bool
+    ) -> Iterator[Any]:
+        # As the stdlib's: pop each future once consumed so that nothing
+        # keeps finished results alive, and cancel the rest on early exit.
+        try:
+            fs.reverse()
+            while fs:
+                future = fs.pop()
+                try:
+                    if end_time is None:
+                        value = future.result()
+                    else:
+                        value = future.result(end_time - time.monotonic())
+                except BaseException:
+                    future.cancel()
+                    raise
+                if chunked:
+                    yield from chunk_results(value)
+                else:
+                    yield value
+                del future, value
+        finally:
+            for future in fs:
+                future.cancel()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting work; with ``cancel_futures`` cancel what has not
+        started; with ``wait`` block until running work is done and every
+        process of an embedded federation has exited."""
+        with self._shared.lock:
+            already = self._shutdown
+            self._shutdown = True
+        if cancel_futures:
+            for future in list(self._pending):
+                future.cancel()
+        if already and not wait:
+            return
+        transport = self._transport
+        if transport is None:
+            return
+        transport.stop()
+        if wait:
+            if isinstance(transport, Agent):
+                transport.join()
+            else:
+                futures.wait(list(self._pending))
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        broken = self._shared.broken
+        if broken is not None:
+            raise type(broken)(*broken.args) from broken.__cause__
+        if self._shutdown or _exiting:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+
+    def _submit(self, fn: Callable[..., Any], frames: List[Any]) -> futures.Future:  # type: ignore[type-arg]
+        if not callable(fn):
+            raise TypeError(f"{type(fn).__name__!r} object is not callable")
+        function = self._function(fn)
+        with self._shared.lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            future = self._transport.submit(function, self._init, frames)
+            self._pending.add(future)
+        future.add_done_callback(self._on_done)
+        return future
+
+    def _on_done(self, future: "futures.Future[Any]") -> None:
+        self._pending.discard(future)
+        if future.cancelled():
+            self._transport.cancel(future._futurefed_id)  # type: ignore[attr-defined]
+
+    def _function(self, fn: Callable[..., Any]) -> Tuple[bytes, bytes]:
+        # Plain functions and partials are named by identity, so they are
+        # pickled once; anything else (bound methods, callable objects) may
+        # compare equal to another and is pickled at each call.
+        if type(fn) in (types.FunctionType, functools.partial):
+            cached = self._functions.get(fn)
+            if cached is None:
+                cached = self._functions[fn] = serialize.dump_function(fn)
+            return cached
+        return serialize.dump_function(fn)
+

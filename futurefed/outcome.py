@@ -1,0 +1,86 @@
+"""Both ends of a task's outcome: running a call or a map chunk on a worker,
+and settling a future from the result record that comes back."""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from . import protocol as p
+from . import serialize
+from .errors import InitializerFailed, RemoteProtocolError, RemoteTraceback, SerializationError
+
+__all__ = ["ChunkResult", "resolve_future", "run_call", "run_chunk", "chunk_results"]
+
+logger = logging.getLogger(__name__)
+
+#: What a map chunk returns: the results of the items that ran, then, if an
+#: item raised, that exception and its labelled traceback text.
+ChunkResult = Tuple[List[Any], Optional[BaseException], str]
+
+
+def run_call(fn: Callable[..., Any], args: Any, kwargs: Optional[Dict[str, Any]]) -> Any:
+    """Run one task; ``kwargs is None`` marks a map chunk, whose ``args`` is a
+    list of argument tuples."""
+    if kwargs is None:
+        return run_chunk(fn, args)
+    return fn(*args, **kwargs)
+
+
+def run_chunk(fn: Callable[..., Any], chunk: Iterable[Sequence[Any]]) -> ChunkResult:
+    """Run ``fn`` over a chunk, stopping at the first item that raises so that
+    the origin can raise that error at that item's position."""
+    results: List[Any] = []
+    for args in chunk:
+        try:
+            results.append(fn(*args))
+        except Exception as exc:
+            return results, exc, serialize.remote_traceback_text(exc)
+    return results, None, ""
+
+
+def chunk_results(outcome: ChunkResult) -> Iterable[Any]:
+    """Yield a chunk's results, then raise the error that cut it short."""
+    results, exc, text = outcome
+    yield from results
+    if exc is not None:
+        exc.__cause__ = RemoteTraceback(text)
+        raise exc
+
+
+def initializer_failure(frames: Sequence[Any]) -> InitializerFailed:
+    """The error that breaks an executor whose initializer raised in a worker."""
+    cause = serialize.load_exception(frames)
+    logger.critical(
+        "the executor's initializer failed in a worker; the executor is broken:%s",
+        cause.__cause__,
+    )
+    broken = InitializerFailed("a worker's initializer raised; the executor is now unusable")
+    broken.__cause__ = cause
+    return broken
+
+
+def resolve_future(future: futures.Future, record: p.ResultRecord) -> None:  # type: ignore[type-arg]
+    """Settle ``future`` from a worker's result record (INIT_FAILED is the
+    caller's business: it breaks the whole executor)."""
+    if future.done():
+        return  # cancelled meanwhile: the result has nobody to go to
+    status = record.status
+    try:
+        if status is p.Status.OK:
+            future.set_result(serialize.loads(record.frames))
+        elif status is p.Status.ERROR:
+            future.set_exception(serialize.load_exception(record.frames))
+        elif status is p.Status.CANCELLED:
+            if not future.cancel():
+                future.set_exception(futures.CancelledError())
+        elif status is p.Status.INIT_FAILED:
+            future.set_exception(initializer_failure(record.frames))
+        else:
+            reason = bytes(record.frames[0]).decode(errors="replace") if record.frames else ""
+            future.set_exception(RemoteProtocolError(f"the broker rejected the task: {reason}"))
+    except SerializationError as exc:
+        future.set_exception(exc)
+    except futures.InvalidStateError:
+        pass  # the user cancelled it between our check and now

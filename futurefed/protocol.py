@@ -1,0 +1,455 @@
+"""The wire protocol: every message futurefed sends, encoded and decoded here.
+
+A message is a list of ZeroMQ frames. Frame 0 is a 4-byte header::
+
+    b"FF" | version (1 byte) | command (1 byte)
+
+followed by the command's body frames. ``docs/protocol.md`` gives the grammar
+in ABNF; this module is its only implementation. It is pure: it imports no
+socket library and never unpickles. Payload frames (pickled calls, results,
+out-of-band buffers, function blobs) pass through as opaque objects, so the
+broker can route them without touching their bytes.
+
+Decoders validate everything a peer controls (header, frame counts, index
+sizes, JSON metadata) and raise :class:`RemoteProtocolError` on the first
+violation; callers log and drop the message.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Dict, List, Sequence, Type
+
+from .errors import LocalProtocolError, RemoteProtocolError
+
+__all__ = [
+    "DIGEST_SIZE",
+    "MAGIC",
+    "NO_INIT",
+    "VERSION",
+    "Bye",
+    "Cancel",
+    "Command",
+    "Credit",
+    "Heartbeat",
+    "Hello",
+    "Message",
+    "Refuse",
+    "ResultRecord",
+    "Results",
+    "Shutdown",
+    "Started",
+    "Status",
+    "Submit",
+    "TaskRecord",
+    "Tasks",
+    "Welcome",
+    "decode",
+    "encode",
+]
+
+MAGIC = b"FF"
+VERSION = 1
+DIGEST_SIZE = 16
+NO_INIT = bytes(DIGEST_SIZE)  # the init digest of a task whose executor has no initializer
+
+# Limits on what a peer may make us allocate or parse.
+MAX_JSON_BYTES = 64 * 1024
+MAX_IDS = 1_000_000
+MAX_BATCH = 1_000_000
+
+_HEADER = struct.Struct("!2sBB")
+_COUNT = struct.Struct("!I")
+_BATCH_PREFIX = struct.Struct("!II")  # number of blobs, number of tasks
+_TASK = struct.Struct(f"!Q{DIGEST_SIZE}s{DIGEST_SIZE}sI")  # id, fn digest, init digest, frames
+_RESULT = struct.Struct("!QBI")  # id, status, frames
+_ID = struct.Struct("!Q")
+
+#: A frame as handed to or received from the socket layer: ``bytes``, a
+#: ``memoryview`` or a ``zmq.Frame``. Header and index frames must support
+#: ``bytes(frame)``; payload frames are never inspected.
+Frame = Any
+
+
+class Command(enum.IntEnum):
+    """The message types; the value is the header's command byte."""
+
+    HELLO = 1  # peer -> broker: who I am (role, name, host, pid, versions)
+    WELCOME = 2  # broker -> peer: accepted
+    REFUSE = 3  # broker -> peer: not accepted, with the reason
+    SUBMIT = 4  # origin -> broker: a batch of tasks
+    TASKS = 5  # broker -> worker: a batch of tasks to run
+    CREDIT = 6  # worker -> broker: send me this many more tasks
+    RESULTS = 7  # worker -> broker -> origin: finished tasks
+    STARTED = 8  # worker -> broker -> origin: these tasks began running
+    CANCEL = 9  # origin -> broker -> worker: drop these tasks if not started
+    HEARTBEAT = 10  # either way: proof of life when there is nothing else to say
+    BYE = 11  # peer -> broker: leaving, forget me
+    SHUTDOWN = 12  # broker -> worker: exit now
+
+
+class Status(enum.IntEnum):
+    """How a task ended, in a :class:`ResultRecord`."""
+
+    OK = 0  # payload: the pickled return value
+    ERROR = 1  # payload: the pickled exception (see serialize.dump_exception)
+    CANCELLED = 2  # no payload: dropped before it started
+    INIT_FAILED = 3  # payload: the initializer's pickled exception
+    REJECTED = 4  # payload: one UTF-8 frame, why the broker could not run it
+
+
+def _as_bytes(frame: Frame) -> bytes:
+    """The bytes of a header or index frame (a zmq.Frame exposes ``.bytes``)."""
+    raw = getattr(frame, "bytes", frame)
+    return raw if isinstance(raw, bytes) else bytes(raw)
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base of every message; subclasses set ``command`` and code their body."""
+
+    command: ClassVar[Command]
+
+    def encode_body(self) -> List[Frame]:
+        return []
+
+    @classmethod
+    def decode_body(cls, frames: Sequence[Frame]) -> "Message":
+        _expect_frames(cls, frames, 0)
+        return cls()
+
+
+_REGISTRY: Dict[int, Type[Message]] = {}
+
+
+def _register(cls: Type[Message]) -> Type[Message]:
+    _REGISTRY[cls.command] = cls
+    return cls
+
+
+def _expect_frames(cls: type, frames: Sequence[Frame], count: int) -> None:
+    if len(frames) != count:
+        raise RemoteProtocolError(f"{cls.__name__}: expected {count} body frames, got {len(frames)}")
+
+
+def _decode_json(cls: type, frame: Frame) -> Dict[str, Any]:
+    raw = _as_bytes(frame)
+    if len(raw) > MAX_JSON_BYTES:
+        raise RemoteProtocolError(f"{cls.__name__}: metadata of {len(raw)} bytes is too large")
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise RemoteProtocolError(f"{cls.__name__}: metadata is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise RemoteProtocolError(f"{cls.__name__}: metadata is not a JSON object")
+    return value
+
+
+def _encode_json(value: Dict[str, Any]) -> bytes:
+    raw = json.dumps(value, separators=(",", ":")).encode("utf-8")
+    if len(raw) > MAX_JSON_BYTES:
+        raise LocalProtocolError(f"metadata of {len(raw)} bytes is too large")
+    return raw
+
+
+@dataclass(frozen=True)
+class _MetaMessage(Message):
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+    def encode_body(self) -> List[Frame]:
+        return [_encode_json(self.meta)]
+
+    @classmethod
+    def decode_body(cls, frames: Sequence[Frame]) -> Message:
+        _expect_frames(cls, frames, 1)
+        return cls(_decode_json(cls, frames[0]))
+
+
+@_register
+@dataclass(frozen=True)
+class Hello(_MetaMessage):
+    """A peer introduces itself: ``role`` (origin, worker, broker), ``name``,
+    ``host``, ``pid`` and ``versions``."""
+
+    command = Command.HELLO
+
+
+@_register
+@dataclass(frozen=True)
+class Welcome(_MetaMessage):
+    """The broker accepted a HELLO; ``meta`` names the broker."""
+
+    command = Command.WELCOME
+
+
+@_register
+@dataclass(frozen=True)
+class Refuse(Message):
+    """The broker refused a HELLO, saying why."""
+
+    command = Command.REFUSE
+    reason: str = ""
+
+    def encode_body(self) -> List[Frame]:
+        return [self.reason.encode("utf-8")]
+
+    @classmethod
+    def decode_body(cls, frames: Sequence[Frame]) -> Message:
+        _expect_frames(cls, frames, 1)
+        raw = _as_bytes(frames[0])
+        if len(raw) > MAX_JSON_BYTES:
+            raise RemoteProtocolError("Refuse: reason too long")
+        return cls(raw.decode("utf-8", errors="replace"))
+
+
+@dataclass
+class TaskRecord:
+    """One task: its id (unique per sender), the digests of its function and
+    of its executor's initializer call, and its payload frames: the pickled
+    ``(args, kwargs)`` followed by that pickle's out-of-band buffers."""
+
+    __slots__ = ("task_id", "fn", "init", "frames")
+
+    task_id: int
+    fn: bytes
+    init: bytes
+    frames: List[Frame]
+
+
+@dataclass(frozen=True)
+class _TaskBatch(Message):
+    """A batch of tasks plus the function blobs the receiver lacks.
+
+    Body: an index frame, then one frame per blob, then each task's frames.
+    """
+
+    tasks: List[TaskRecord] = field(default_factory=list)
+    blobs: Dict[bytes, Frame] = field(default_factory=dict)
+
+    def encode_body(self) -> List[Frame]:
+        index = [_BATCH_PREFIX.pack(len(self.blobs), len(self.tasks))]
+        index.extend(self.blobs)
+        frames: List[Frame] = [b""]
+        frames.extend(self.blobs.values())
+        for task in self.tasks:
+            if not task.frames:
+                raise LocalProtocolError(f"task {task.task_id} has no payload frame")
+            index.append(_TASK.pack(task.task_id, task.fn, task.init, len(task.frames)))
+            frames.extend(task.frames)
+        frames[0] = b"".join(index)
+        return frames
+
+    @classmethod
+    def decode_body(cls, frames: Sequence[Frame]) -> Message:
+        if not frames:
+            raise RemoteProtocolError(f"{cls.__name__}: missing index frame")
+        index = _as_bytes(frames[0])
+        if len(index) < _BATCH_PREFIX.size:
+            raise RemoteProtocolError(f"{cls.__name__}: index frame too short")
+        n_blobs, n_tasks = _BATCH_PREFIX.unpack_from(index)
+        if n_blobs > MAX_BATCH or n_tasks > MAX_BATCH:
+            raise RemoteProtocolError(f"{cls.__name__}: batch too large")
+        expected = _BATCH_PREFIX.size + n_blobs * DIGEST_SIZE + n_tasks * _TASK.size
+        if len(index) != expected:
+            raise RemoteProtocolError(
+                f"{cls.__name__}: index of {len(index)} bytes, expected {expected}"
+            )
+        pos = _BATCH_PREFIX.size
+        digests = [index[pos + i * DIGEST_SIZE : pos + (i + 1) * DIGEST_SIZE] for i in range(n_blobs)]
+        pos += n_blobs * DIGEST_SIZE
+        if len(frames) < 1 + n_blobs:
+            raise RemoteProtocolError(f"{cls.__name__}: missing blob frames")
+        blobs = dict(zip(digests, frames[1 : 1 + n_blobs]))
+        cursor = 1 + n_blobs
+        tasks = []
+        for task_id, fn, init, n_frames in _TASK.iter_unpack(index[pos:]):
+            if n_frames < 1 or cursor + n_frames > len(frames):
+                raise RemoteProtocolError(f"{cls.__name__}: task {task_id} frame count is wrong")
+            tasks.append(TaskRecord(task_id, fn, init, list(frames[cursor : cursor + n_frames])))
+            cursor += n_frames
+        if cursor != len(frames):
+            raise RemoteProtocolError(f"{cls.__name__}: {len(frames) - cursor} stray frames")
+        return cls(tasks, blobs)
+
+
+@_register
+@dataclass(frozen=True)
+class Submit(_TaskBatch):
+    """An origin hands tasks to its broker."""
+
+    command = Command.SUBMIT
+
+
+@_register
+@dataclass(frozen=True)
+class Tasks(_TaskBatch):
+    """A broker hands tasks to a worker (ids are then the broker's own)."""
+
+    command = Command.TASKS
+
+
+@_register
+@dataclass(frozen=True)
+class Credit(Message):
+    """A worker asks for ``count`` more tasks."""
+
+    command = Command.CREDIT
+    count: int = 0
+
+    def encode_body(self) -> List[Frame]:
+        return [_COUNT.pack(self.count)]
+
+    @classmethod
+    def decode_body(cls, frames: Sequence[Frame]) -> Message:
+        _expect_frames(cls, frames, 1)
+        raw = _as_bytes(frames[0])
+        if len(raw) != _COUNT.size:
+            raise RemoteProtocolError("Credit: count frame must be 4 bytes")
+        (count,) = _COUNT.unpack(raw)
+        if count > MAX_BATCH:
+            raise RemoteProtocolError(f"Credit: {count} is more than {MAX_BATCH}")
+        return cls(count)
+
+
+@dataclass
+class ResultRecord:
+    """How one task ended and its payload (see :class:`Status`)."""
+
+    __slots__ = ("task_id", "status", "frames")
+
+    task_id: int
+    status: Status
+    frames: List[Frame]
+
+
+@_register
+@dataclass(frozen=True)
+class Results(Message):
+    """Finished tasks, flowing back from worker to broker to origin."""
+
+    command = Command.RESULTS
+    results: List[ResultRecord] = field(default_factory=list)
+
+    def encode_body(self) -> List[Frame]:
+        index = [_COUNT.pack(len(self.results))]
+        frames: List[Frame] = [b""]
+        for result in self.results:
+            index.append(_RESULT.pack(result.task_id, result.status, len(result.frames)))
+            frames.extend(result.frames)
+        frames[0] = b"".join(index)
+        return frames
+
+    @classmethod
+    def decode_body(cls, frames: Sequence[Frame]) -> Message:
+        if not frames:
+            raise RemoteProtocolError("Results: missing index frame")
+        index = _as_bytes(frames[0])
+        if len(index) < _COUNT.size:
+            raise RemoteProtocolError("Results: index frame too short")
+        (count,) = _COUNT.unpack_from(index)
+        if len(index) != _COUNT.size + count * _RESULT.size:
+            raise RemoteProtocolError("Results: index size does not match its count")
+        cursor = 1
+        results = []
+        for task_id, status, n_frames in _RESULT.iter_unpack(index[_COUNT.size :]):
+            try:
+                status = Status(status)
+            except ValueError:
+                raise RemoteProtocolError(f"Results: unknown status {status}") from None
+            if cursor + n_frames > len(frames):
+                raise RemoteProtocolError(f"Results: task {task_id} frame count is wrong")
+            results.append(ResultRecord(task_id, status, list(frames[cursor : cursor + n_frames])))
+            cursor += n_frames
+        if cursor != len(frames):
+            raise RemoteProtocolError(f"Results: {len(frames) - cursor} stray frames")
+        return cls(results)
+
+
+@dataclass(frozen=True)
+class _IdList(Message):
+    ids: List[int] = field(default_factory=list)
+
+    def encode_body(self) -> List[Frame]:
+        return [struct.pack(f"!{len(self.ids)}Q", *self.ids)]
+
+    @classmethod
+    def decode_body(cls, frames: Sequence[Frame]) -> Message:
+        _expect_frames(cls, frames, 1)
+        raw = _as_bytes(frames[0])
+        if len(raw) % _ID.size or len(raw) > MAX_IDS * _ID.size:
+            raise RemoteProtocolError(f"{cls.__name__}: id frame of {len(raw)} bytes")
+        return cls([task_id for (task_id,) in _ID.iter_unpack(raw)])
+
+
+@_register
+@dataclass(frozen=True)
+class Started(_IdList):
+    """These tasks began running; the origin marks their futures running."""
+
+    command = Command.STARTED
+
+
+@_register
+@dataclass(frozen=True)
+class Cancel(_IdList):
+    """Drop these tasks if they have not started."""
+
+    command = Command.CANCEL
+
+
+@_register
+@dataclass(frozen=True)
+class Heartbeat(Message):
+    """Proof of life when there is nothing else to send."""
+
+    command = Command.HEARTBEAT
+
+
+@_register
+@dataclass(frozen=True)
+class Bye(Message):
+    """The sender is leaving: forget it and its work."""
+
+    command = Command.BYE
+
+
+@_register
+@dataclass(frozen=True)
+class Shutdown(Message):
+    """The broker is stopping: a worker receiving this exits."""
+
+    command = Command.SHUTDOWN
+
+
+def encode(message: Message) -> List[Frame]:
+    """The frames of ``message``, header first."""
+    return [_HEADER.pack(MAGIC, VERSION, message.command), *message.encode_body()]
+
+
+def decode_header(frame: Frame) -> Command:
+    """The command of a header frame, checking magic and protocol version."""
+    raw = _as_bytes(frame)
+    if len(raw) != _HEADER.size:
+        raise RemoteProtocolError(f"header of {len(raw)} bytes, expected {_HEADER.size}")
+    magic, version, command = _HEADER.unpack(raw)
+    if magic != MAGIC:
+        raise RemoteProtocolError(f"not a futurefed message (magic {magic!r})")
+    if version != VERSION:
+        raise RemoteProtocolError(f"protocol version {version}, this side speaks {VERSION}")
+    try:
+        return Command(command)
+    except ValueError:
+        raise RemoteProtocolError(f"unknown command {command}") from None
+
+
+def decode(frames: Sequence[Frame]) -> Message:
+    """The message in ``frames`` (header first); raises RemoteProtocolError."""
+    if not frames:
+        raise RemoteProtocolError("empty message")
+    command = decode_header(frames[0])
+    return _REGISTRY[command].decode_body(frames[1:])
+
+

@@ -1,0 +1,172 @@
+"""Pickling for the wire: cloudpickle, protocol 5, out-of-band buffers.
+
+A pickled object travels as a list of frames: the pickle stream first, then
+its out-of-band buffers, each of which becomes its own zero-copy ZeroMQ frame.
+Large ``bytes`` objects go out-of-band too (the stdlib pickles them in-band),
+so a 64 MiB argument is never copied into the pickle stream.
+
+This is the only module that imports cloudpickle; the broker never imports it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import socket
+import traceback
+from typing import Any, List, Optional, Sequence, Tuple
+
+import cloudpickle
+
+from .errors import RemoteTraceback, SerializationError
+
+__all__ = [
+    "digest",
+    "dump_exception",
+    "dump_function",
+    "dumps",
+    "load_exception",
+    "loads",
+    "remote_traceback_text",
+    "set_process_label",
+]
+
+PROTOCOL = 5
+#: Buffers (and ``bytes``) at least this large travel as separate frames.
+OOB_THRESHOLD = 64 * 1024
+
+_process_label = f"origin on {socket.gethostname()} (pid {os.getpid()})"
+
+
+def set_process_label(worker_name: str) -> None:
+    """Name this process in the remote tracebacks it produces."""
+    global _process_label
+    _process_label = f"worker {worker_name} on {socket.gethostname()} (pid {os.getpid()})"
+
+
+def _rebuild_bytes(buffer: Any) -> bytes:
+    return bytes(buffer)
+
+
+class _LargeBytes:
+    """Stands in for a large ``bytes`` so that it pickles out-of-band.
+
+    Picklers never call ``reducer_override`` for exact ``bytes``, so the
+    wrapping happens before pickling, near the top of the object: the value
+    itself and the items of small tuples, lists and dicts two levels down
+    (which covers ``(args, kwargs)`` and a returned value).
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return _rebuild_bytes, (pickle.PickleBuffer(self.data),)
+
+
+_SHALLOW_LIMIT = 64  # containers longer than this are not scanned
+
+
+def _lift_large_bytes(obj: Any, depth: int = 2) -> Any:
+    kind = type(obj)
+    if kind is bytes:
+        return _LargeBytes(obj) if len(obj) >= OOB_THRESHOLD else obj
+    if depth == 0 or kind not in (tuple, list, dict) or len(obj) > _SHALLOW_LIMIT:
+        return obj
+    if kind is dict:
+        return {key: _lift_large_bytes(value, depth - 1) for key, value in obj.items()}
+    return kind(_lift_large_bytes(item, depth - 1) for item in obj)
+
+
+class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """cloudpickle's pickler; one class so that later tweaks have a home."""
+
+
+def dumps(obj: Any) -> List[Any]:
+    """Pickle ``obj`` into ``[stream, *out_of_band_buffers]``.
+
+    Raises SerializationError (a ``pickle.PicklingError``) naming the object's
+    type when it cannot be pickled.
+    """
+    buffers: List[Any] = []
+
+    def keep_large(buffer: pickle.PickleBuffer) -> bool:
+        try:
+            raw = buffer.raw()
+        except BufferError:  # not contiguous: let pickle copy it in-band
+            return True
+        if raw.nbytes < OOB_THRESHOLD:
+            return True
+        buffers.append(raw)
+        return False
+
+    stream = io.BytesIO()
+    try:
+        _Pickler(stream, protocol=PROTOCOL, buffer_callback=keep_large).dump(_lift_large_bytes(obj))
+    except Exception as exc:  # pickling runs arbitrary __reduce__ code
+        raise SerializationError(
+            f"cannot pickle {type(obj).__name__} object: {type(exc).__name__}: {exc}"
+        ) from exc
+    return [stream.getbuffer(), *buffers]
+
+
+def loads(frames: Sequence[Any]) -> Any:
+    """Unpickle frames made by :func:`dumps` (zmq Frames, bytes or buffers)."""
+    if not frames:
+        raise SerializationError("no frames to unpickle")
+    try:
+        return pickle.loads(frames[0], buffers=frames[1:])
+    except Exception as exc:  # unpickling runs arbitrary code too
+        raise SerializationError(f"cannot unpickle: {type(exc).__name__}: {exc}") from exc
+
+
+def digest(blob: Any) -> bytes:
+    """The 16-byte name of a function blob."""
+    return hashlib.blake2b(blob, digest_size=16).digest()
+
+
+def dump_function(fn: Any) -> Tuple[bytes, bytes]:
+    """``(digest, blob)`` of a callable pickled by value where needed."""
+    try:
+        blob = cloudpickle.dumps(fn, protocol=PROTOCOL)
+    except Exception as exc:
+        raise SerializationError(f"cannot pickle function {fn!r}: {exc}") from exc
+    return digest(blob), blob
+
+
+def remote_traceback_text(exc: BaseException) -> str:
+    """The traceback of ``exc`` framed and labelled with where it was raised."""
+    lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
+    return f'\n"""\nRaised in {_process_label}:\n{"".join(lines)}"""'
+
+
+def dump_exception(exc: BaseException) -> List[Any]:
+    """Frames of a task's exception: the labelled traceback text, then the
+    pickled exception (or a SerializationError standing in for it)."""
+    text = remote_traceback_text(exc).encode("utf-8", errors="replace")
+    try:
+        return [text, *dumps(exc)]
+    except SerializationError as err:
+        stand_in = SerializationError(
+            f"the task raised {type(exc).__qualname__}({exc}), which cannot be pickled: {err}"
+        )
+        return [text, *dumps(stand_in)]
+
+
+def load_exception(frames: Sequence[Any]) -> BaseException:
+    """Rebuild an exception from :func:`dump_exception` frames, with the
+    remote traceback as its ``__cause__``."""
+    text = bytes(frames[0]).decode("utf-8", errors="replace") if frames else ""
+    exc: Optional[BaseException]
+    try:
+        exc = loads(frames[1:])
+    except SerializationError as err:
+        exc = err
+    if not isinstance(exc, BaseException):
+        exc = SerializationError(f"expected an exception, got {type(exc).__name__}")
+    exc.__cause__ = RemoteTraceback(text)
+    return exc

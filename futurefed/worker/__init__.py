@@ -1,0 +1,2 @@
+"""The worker: ``loop`` (its socket and task intake) and ``green`` (greenlet
+scheduling of tasks)."""

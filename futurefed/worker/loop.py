@@ -1,0 +1,331 @@
+"""A worker process: one DEALER socket to its broker, a hub of task greenlets.
+
+The main greenlet is the hub. Each turn of :meth:`Worker.serve` sends what is
+pending (credit, start notices, results, nested submissions), polls the socket
+and the lifeline, handles what arrived, starts queued tasks and runs every
+greenlet that is ready. A task that waits on a futurefed future parks (see
+``green.py``); the worker then asks its broker for more work, so a task
+waiting on its children never starves them, even with one worker.
+
+Credit: the worker keeps about :data:`PREFETCH_SECONDS` of work in hand,
+judged from a moving average of task durations, never fewer than two tasks
+(one running, one ready) nor more than :data:`MAX_PREFETCH`. Tasks still in
+its queue have not started and can be cancelled.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import time
+from collections import OrderedDict
+from concurrent import futures
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+
+import greenlet
+import zmq
+
+from .. import protocol as p
+from .. import serialize
+from ..outcome import resolve_future, run_call
+from ..errors import RemoteProtocolError, SerializationError
+from .green import GreenFuture, Hub
+
+__all__ = ["Worker"]
+
+logger = logging.getLogger(__name__)
+
+PREFETCH_SECONDS = 0.002
+MAX_PREFETCH = 64
+START_BATCH_SECONDS = 0.001
+MAX_DRAIN = 256  # messages handled per poll before running tasks again
+
+
+class _InitState:
+    """The outcome of one executor initializer in this worker."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Optional[List[Any]]) -> None:
+        self.error = error  # dump_exception frames if it raised
+
+
+class Worker:
+    """Runs tasks from one broker until told to stop or the lifeline closes."""
+
+    def __init__(
+        self,
+        address: str,
+        name: str,
+        *,
+        lifeline: Optional[int] = None,
+        heartbeat: float = 1.0,
+        context: Optional[zmq.Context] = None,  # type: ignore[type-arg]
+    ) -> None:
+        self.address = address
+        self.name = name
+        self.lifeline = lifeline
+        self.heartbeat = heartbeat
+        self.ctx = context or zmq.Context.instance()
+        self.hub = Hub()
+        self.hub.owner = self
+        self.sock: Any = None
+        self.stopping = False
+        # server side: tasks from the broker
+        self.queue: "OrderedDict[int, p.TaskRecord]" = OrderedDict()
+        self.running = 0
+        self.outstanding = 0  # credit granted to the broker, not yet used
+        self.blobs: Dict[bytes, Any] = {}
+        self.functions: Dict[bytes, Callable[..., Any]] = {}
+        self.inits: Dict[bytes, _InitState] = {}
+        self.ewma: Optional[float] = None
+        self._results: List[p.ResultRecord] = []
+        # client side: tasks our tasks submit
+        self.pending: Dict[int, futures.Future] = {}  # type: ignore[type-arg]
+        self._ids = itertools.count(1)
+        self._sent_blobs: Set[bytes] = set()
+        self._submits: List[p.TaskRecord] = []
+        self._submit_blobs: Dict[bytes, Any] = {}
+        self._cancels: List[int] = []
+        self._handlers: Dict[p.Command, Callable[[Any], None]] = {
+            p.Command.WELCOME: self._on_welcome,
+            p.Command.REFUSE: self._on_refuse,
+            p.Command.TASKS: self._on_tasks,
+            p.Command.CANCEL: self._on_cancel,
+            p.Command.RESULTS: self._on_results,
+            p.Command.STARTED: self._on_started,
+            p.Command.HEARTBEAT: lambda message: None,
+            p.Command.SHUTDOWN: self._on_shutdown,
+        }
+
+    # -- phases: connect, serve, close ----------------------------------------
+
+    def run(self) -> int:
+        """Serve until stopped; the process exit status."""
+        self.connect()
+        try:
+            self.serve()
+        finally:
+            self.close()
+        return 0
+
+    def connect(self) -> None:
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self.sock.setsockopt(zmq.SNDHWM, 0)  # credit bounds what we receive; never drop results
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.connect(self.address)
+        self.hub.install()
+        serialize.set_process_label(self.name)
+        self._send(p.Hello({
+            "role": "worker",
+            "name": self.name,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }))
+
+    def close(self) -> None:
+        self.hub.uninstall()
+        if self.sock is not None:
+            if not self.stopping:
+                self._send(p.Bye())
+            self.sock.close()
+            self.sock = None
+
+    def serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        if self.lifeline is not None:
+            poller.register(self.lifeline, zmq.POLLIN)
+        while not self.stopping:
+            self._flush()
+            timeout = 0.0 if self.queue else self.hub.next_timeout()
+            if timeout is None or timeout > self.heartbeat:
+                timeout = self.heartbeat
+            events = dict(poller.poll(timeout * 1000))
+            if self.lifeline is not None and self.lifeline in events:
+                logger.info("worker %s: lifeline closed, exiting", self.name)
+                return
+            if self.sock in events:
+                self._drain()
+            self.hub.run_timers()
+            self._start_tasks()
+            self.hub.run_ready()
+
+    # -- input ------------------------------------------------------------------
+
+    def _drain(self) -> None:
+        for _ in range(MAX_DRAIN):
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                message = p.decode(frames)
+                handler = self._handlers.get(message.command)
+                if handler is None:
+                    raise RemoteProtocolError(f"{message.command.name} is not for a worker")
+                handler(message)
+            except RemoteProtocolError as exc:
+                logger.warning("worker %s dropped a message: %s", self.name, exc)
+            if self.stopping:
+                return
+
+    def _on_welcome(self, message: p.Welcome) -> None:
+        logger.debug("worker %s joined broker %s", self.name, message.meta.get("broker"))
+
+    def _on_refuse(self, message: p.Refuse) -> None:
+        logger.error("worker %s: broker refused us: %s", self.name, message.reason)
+        self.stopping = True
+
+    def _on_shutdown(self, message: p.Shutdown) -> None:
+        self.stopping = True
+
+    def _on_tasks(self, message: p.Tasks) -> None:
+        self.blobs.update(message.blobs)
+        self.outstanding = max(0, self.outstanding - len(message.tasks))
+        for record in message.tasks:
+            self.queue[record.task_id] = record
+
+    def _on_cancel(self, message: p.Cancel) -> None:
+        for task_id in message.ids:
+            if self.queue.pop(task_id, None) is not None:
+                self._results.append(p.ResultRecord(task_id, p.Status.CANCELLED, []))
+
+    def _on_results(self, message: p.Results) -> None:
+        for record in message.results:
+            future = self.pending.pop(record.task_id, None)
+            if future is not None:
+                resolve_future(future, record)
+
+    def _on_started(self, message: p.Started) -> None:
+        for task_id in message.ids:
+            future = self.pending.get(task_id)
+            if future is not None and not future.done() and not future.running():
+                future.set_running_or_notify_cancel()
+
+    # -- running tasks ------------------------------------------------------------
+
+    def _start_tasks(self) -> None:
+        """Start a batch of queued tasks: about START_BATCH_SECONDS of work,
+        and only when nothing else is ready, so queued tasks stay cancellable."""
+        if not self.queue or self.hub.ready:
+            return
+        count = 1
+        if self.ewma is not None:
+            count = max(1, min(len(self.queue), int(START_BATCH_SECONDS / max(self.ewma, 1e-6))))
+        batch = [self.queue.popitem(last=False)[1] for _ in range(min(count, len(self.queue)))]
+        self._send(p.Started([record.task_id for record in batch]))
+        for record in batch:
+            self.running += 1
+            self.hub.spawn(self._run_task, record, record)
+
+    def _run_task(self, record: p.TaskRecord) -> None:
+        started = time.perf_counter()
+        try:
+            status, frames = self._call(record)
+        finally:
+            self.running -= 1
+        elapsed = time.perf_counter() - started
+        self.ewma = elapsed if self.ewma is None else 0.8 * self.ewma + 0.2 * elapsed
+        self._results.append(p.ResultRecord(record.task_id, status, frames))
+
+    def _call(self, record: p.TaskRecord) -> Tuple[p.Status, List[Any]]:
+        if record.init != p.NO_INIT:
+            init = self._initialize(record.init)
+            if init.error is not None:
+                return p.Status.INIT_FAILED, init.error
+        try:
+            fn = self._function(record.fn)
+            args, kwargs = serialize.loads(record.frames)
+            result = run_call(fn, args, kwargs)
+        except greenlet.GreenletExit:
+            raise
+        except BaseException as exc:  # the task's own error, reported to its origin
+            return p.Status.ERROR, serialize.dump_exception(exc)
+        try:
+            return p.Status.OK, serialize.dumps(result)
+        except SerializationError as exc:
+            return p.Status.ERROR, serialize.dump_exception(exc)
+
+    def _function(self, digest: bytes) -> Callable[..., Any]:
+        fn = self.functions.get(digest)
+        if fn is None:
+            blob = self.blobs.get(digest)
+            if blob is None:
+                raise SerializationError(f"no function blob {digest.hex()} on this worker")
+            fn = self.functions[digest] = serialize.loads([blob])
+        return fn
+
+    def _initialize(self, digest: bytes) -> _InitState:
+        state = self.inits.get(digest)
+        if state is None:
+            try:
+                initializer, initargs = self._function(digest)  # type: ignore[misc]
+                initializer(*initargs)
+            except greenlet.GreenletExit:
+                raise
+            except BaseException as exc:  # reported to every origin using it
+                logger.critical("worker %s: initializer failed", self.name, exc_info=True)
+                state = _InitState(serialize.dump_exception(exc))
+            else:
+                state = _InitState(None)
+            self.inits[digest] = state
+        return state
+
+    # -- nested submission: this worker as an origin ----------------------------------
+
+    def submit(
+        self, fn: Tuple[bytes, bytes], init: Tuple[bytes, Optional[bytes]], frames: List[Any]
+    ) -> GreenFuture:
+        """Queue a task submitted by one of our tasks; sent on the next flush."""
+        future = GreenFuture()
+        task_id = next(self._ids)
+        future._futurefed_id = task_id  # type: ignore[attr-defined]
+        self.pending[task_id] = future
+        for digest, blob in (fn, init):
+            if blob is not None and digest not in self._sent_blobs:
+                self._sent_blobs.add(digest)
+                self._submit_blobs[digest] = blob
+        self._submits.append(p.TaskRecord(task_id, fn[0], init[0], frames))
+        return future
+
+    def cancel(self, task_id: int) -> None:
+        if self.pending.pop(task_id, None) is not None:
+            self._cancels.append(task_id)
+
+    def current_init(self) -> Tuple[bytes, Optional[bytes]]:
+        """The initializer of the task running now, for tasks it submits."""
+        current = greenlet.getcurrent()
+        record = getattr(current, "context", None)
+        if record is None or record.init == p.NO_INIT:
+            return p.NO_INIT, None
+        return record.init, self.blobs.get(record.init)
+
+    # -- output -------------------------------------------------------------------------
+
+    def _send(self, message: p.Message) -> None:
+        self.sock.send_multipart(p.encode(message), copy=False)
+
+    def _flush(self) -> None:
+        if self._submits:
+            self._send(p.Submit(self._submits, self._submit_blobs))
+            self._submits, self._submit_blobs = [], {}
+        if self._cancels:
+            self._send(p.Cancel(self._cancels))
+            self._cancels = []
+        if self._results:
+            self._send(p.Results(self._results))
+            self._results = []
+        want = self._target() - (len(self.queue) + self.running - self.hub.parked) - self.outstanding
+        if want > 0:
+            self.outstanding += want
+            self._send(p.Credit(want))
+
+    def _target(self) -> int:
+        if self.ewma is None:
+            return 2
+        return max(2, min(MAX_PREFETCH, int(PREFETCH_SECONDS / max(self.ewma, 1e-6))))
+

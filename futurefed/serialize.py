@@ -138,9 +138,16 @@ def dump_function(fn: Any) -> Tuple[bytes, bytes]:
     return digest(blob), blob
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
 def remote_traceback_text(exc: BaseException) -> str:
-    """The traceback of ``exc`` framed and labelled with where it was raised."""
-    lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
+    """The traceback of ``exc`` framed and labelled with where it was raised;
+    futurefed's own frames above the task's first frame are left out."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        tb = tb.tb_next
+    lines = traceback.format_exception(type(exc), exc, tb or exc.__traceback__)
     return f'\n"""\nRaised in {_process_label}:\n{"".join(lines)}"""'
 
 

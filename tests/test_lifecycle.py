@@ -1,0 +1,124 @@
+"""The embedded federation lives and dies with its executor: no orphans on
+shutdown, on ``with`` exit, at interpreter exit, on garbage collection, and
+when the origin is killed with SIGKILL."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from futurefed import FederatedExecutor
+
+from procs import wait_gone
+
+GUARD = 60  # seconds; only reached on a deadlock
+EXIT_BOUND = 10  # seconds within which children must be gone
+
+
+def federation_pids(executor: FederatedExecutor) -> list:
+    return list(executor._transport.federation.pids)
+
+
+def run_origin(code: str, *, wait: bool = True) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_default_starts_one_broker_and_cpu_count_workers():
+    with FederatedExecutor() as executor:
+        pids = federation_pids(executor)
+        assert len(pids) == 1 + os.cpu_count()
+        worker_pids = set(executor.map(lambda _: os.getpid(), range(50)))
+        assert worker_pids <= set(pids[1:])
+    assert wait_gone(pids, EXIT_BOUND) == []
+
+
+def test_shutdown_ends_every_process():
+    executor = FederatedExecutor(max_workers=3)
+    pids = federation_pids(executor)
+    assert len(pids) == 4
+    assert executor.submit(sum, [1, 2, 3]).result(timeout=GUARD) == 6
+    executor.shutdown(wait=True)
+    assert wait_gone(pids, EXIT_BOUND) == []
+
+
+def test_shutdown_without_wait_finishes_work_then_ends_processes():
+    executor = FederatedExecutor(max_workers=2)
+    pids = federation_pids(executor)
+    futures = [executor.submit(pow, 2, i) for i in range(100)]
+    executor.shutdown(wait=False)
+    assert [f.result(timeout=GUARD) for f in futures] == [2**i for i in range(100)]
+    assert wait_gone(pids, EXIT_BOUND) == []
+
+
+def test_garbage_collected_executor_ends_its_processes():
+    executor = FederatedExecutor(max_workers=1)
+    pids = federation_pids(executor)
+    assert executor.submit(abs, -1).result(timeout=GUARD) == 1
+    agent = executor._transport
+    del executor
+    gc.collect()
+    agent.join(GUARD)
+    assert not agent.is_alive()
+    assert wait_gone(pids, EXIT_BOUND) == []
+
+
+def test_interpreter_exit_finishes_work_and_ends_processes():
+    origin = run_origin("""
+        import json, os
+        from futurefed import FederatedExecutor
+        executor = FederatedExecutor(max_workers=2)
+        print(json.dumps(executor._transport.federation.pids), flush=True)
+        futures = [executor.submit(pow, 3, i) for i in range(20)]
+        futures[-1].add_done_callback(lambda f: print("last", f.result(), flush=True))
+        # no shutdown: interpreter exit must finish the work and clean up
+    """)
+    out, err = origin.communicate(timeout=GUARD)
+    assert origin.returncode == 0, err
+    lines = out.splitlines()
+    pids = json.loads(lines[0])
+    assert f"last {3**19}" in lines
+    assert wait_gone(pids, EXIT_BOUND) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_origin_leaves_no_orphans(sig):
+    origin = run_origin("""
+        import json, sys, time
+        from futurefed import FederatedExecutor
+        executor = FederatedExecutor(max_workers=2)
+        executor.submit(abs, 1).result()
+        print(json.dumps(executor._transport.federation.pids), flush=True)
+        executor.submit(time.sleep, 3600)
+        sys.stdin.read()  # until killed
+    """)
+    try:
+        pids = json.loads(origin.stdout.readline())
+        assert len(pids) == 3
+        os.kill(origin.pid, sig)
+        origin.wait(GUARD)
+        assert wait_gone(pids, EXIT_BOUND) == []
+    finally:
+        origin.kill()
+        origin.communicate()
+
+
+def test_join_existing_broker_by_address():
+    with FederatedExecutor(max_workers=2) as owner:
+        address = owner._transport.address
+        with FederatedExecutor(address=address) as guest:
+            assert guest._transport.federation is None
+            assert list(guest.map(abs, [-1, -2, -3])) == [1, 2, 3]
+        # the guest leaving does not stop the owner's federation
+        assert owner.submit(abs, -4).result(timeout=GUARD) == 4

@@ -15,8 +15,10 @@ import io
 import os
 import pickle
 import socket
+import sys
 import traceback
-from typing import Any, List, Optional, Sequence, Tuple
+import types
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import cloudpickle
 
@@ -31,6 +33,7 @@ __all__ = [
     "loads",
     "remote_traceback_text",
     "set_process_label",
+    "share_main_globals",
 ]
 
 PROTOCOL = 5
@@ -122,6 +125,38 @@ def loads(frames: Sequence[Any]) -> Any:
         return pickle.loads(frames[0], buffers=frames[1:])
     except Exception as exc:  # unpickling runs arbitrary code too
         raise SerializationError(f"cannot unpickle: {type(exc).__name__}: {exc}") from exc
+
+
+def share_main_globals(fn: Any, namespace: Dict[str, Any], _seen: Optional[Dict[int, Any]] = None) -> Any:
+    """Rebase a ``__main__`` function pickled by value onto ``namespace``.
+
+    cloudpickle gives each unpickled function its own copy of the globals it
+    uses, so an initializer that sets a global of the user's script would set
+    it where no task looks. A worker keeps one namespace for the origin's
+    ``__main__`` and rebuilds such functions (and the ``__main__`` functions
+    their globals name) on it, as the script's own module would be shared.
+    Values already in the namespace win: they are the worker's live state.
+    """
+    seen = {} if _seen is None else _seen
+    if not isinstance(fn, types.FunctionType) or fn.__globals__.get("__name__") != "__main__":
+        return fn
+    if fn.__globals__ is namespace or sys.modules.get("__main__") is not None and (
+        fn.__globals__ is vars(sys.modules["__main__"])
+    ):
+        return fn
+    if id(fn) in seen:
+        return seen[id(fn)]
+    rebased = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__)
+    seen[id(fn)] = rebased
+    rebased.__kwdefaults__ = fn.__kwdefaults__
+    rebased.__qualname__ = fn.__qualname__
+    rebased.__doc__ = fn.__doc__
+    rebased.__dict__.update(fn.__dict__)
+    rebased.__module__ = fn.__module__
+    for name, value in fn.__globals__.items():
+        if name not in namespace:
+            namespace[name] = share_main_globals(value, namespace, seen)
+    return rebased
 
 
 def digest(blob: Any) -> bytes:

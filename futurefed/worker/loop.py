@@ -83,6 +83,7 @@ class Worker:
         self.blobs: Dict[bytes, Any] = {}
         self.functions: Dict[bytes, Callable[..., Any]] = {}
         self.inits: Dict[bytes, _InitState] = {}
+        self.main_namespace: Dict[str, Any] = {}  # the origins' __main__, shared
         self.ewma: Optional[float] = None  # seconds per task, all functions
         self.durations: Dict[bytes, float] = {}  # seconds per task, by function
         self._results: List[p.ResultRecord] = []
@@ -265,7 +266,12 @@ class Worker:
             blob = self.blobs.get(digest)
             if blob is None:
                 raise SerializationError(f"no function blob {digest.hex()} on this worker")
-            fn = self.functions[digest] = serialize.loads([blob])
+            fn = serialize.loads([blob])
+            if isinstance(fn, tuple):  # an initializer and its arguments
+                fn = (serialize.share_main_globals(fn[0], self.main_namespace), *fn[1:])
+            else:
+                fn = serialize.share_main_globals(fn, self.main_namespace)
+            self.functions[digest] = fn
         return fn
 
     def _initialize(self, digest: bytes) -> _InitState:

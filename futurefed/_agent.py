@@ -150,10 +150,12 @@ class Agent(threading.Thread):
         while True:
             events = dict(poller.poll(POLL_SECONDS * 1000))
             if wake_rx in events:
+                # Drain, then re-arm, under the lock: a command queued after
+                # this sends a fresh wake-up; one queued before is taken below.
                 with self._wake_lock:
+                    while wake_rx.poll(0):
+                        wake_rx.recv()
                     self._woken = False
-                while wake_rx.poll(0):
-                    wake_rx.recv()
             self._take_commands()
             if self._dealer in events:
                 self._drain()

@@ -95,23 +95,39 @@ def test_interpreter_exit_finishes_work_and_ends_processes():
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_killed_origin_leaves_no_orphans(sig):
     origin = run_origin("""
-        import json, sys, time
+        import json, os, sys, tempfile, time
         from futurefed import FederatedExecutor
+
+        def sleep_forever(fifo):
+            with open(fifo, "w") as signal:
+                signal.write("asleep\\n")
+            time.sleep(3600)
+
+        fifo = os.path.join(tempfile.mkdtemp(), "fifo")
+        os.mkfifo(fifo)
         executor = FederatedExecutor(max_workers=2)
-        executor.submit(abs, 1).result()
+        executor.submit(sleep_forever, fifo)
+        with open(fifo) as signal:
+            assert signal.readline() == "asleep\\n"  # a worker is inside the sleep
         print(json.dumps(executor._transport.federation.pids), flush=True)
-        executor.submit(time.sleep, 3600)
         sys.stdin.read()  # until killed
     """)
+    pids = []
     try:
-        pids = json.loads(origin.stdout.readline())
+        line = origin.stdout.readline()
+        assert line, origin.stderr.read()
+        pids = json.loads(line)
         assert len(pids) == 3
         os.kill(origin.pid, sig)
         origin.wait(GUARD)
-        assert wait_gone(pids, EXIT_BOUND) == []
+        # One worker is inside time.sleep(3600): it must be ended all the same.
+        leftovers = wait_gone(pids, EXIT_BOUND)
+        assert leftovers == []
     finally:
         origin.kill()
         origin.communicate()
+        for pid in wait_gone(pids, 0):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_join_existing_broker_by_address():
@@ -122,3 +138,18 @@ def test_join_existing_broker_by_address():
             assert list(guest.map(abs, [-1, -2, -3])) == [1, 2, 3]
         # the guest leaving does not stop the owner's federation
         assert owner.submit(abs, -4).result(timeout=GUARD) == 4
+
+
+def test_no_lost_wakeup_between_bursts_and_round_trips(monkeypatch):
+    # A lost wake-up leaves a submitted task waiting for the agent's poll
+    # timeout; with that timeout made an hour, any lost wake-up trips the
+    # guard. (The race once found here: the agent re-armed its wake-up before
+    # draining the wake socket, so a submit in between went unnoticed.)
+    from futurefed import _agent
+
+    monkeypatch.setattr(_agent, "POLL_SECONDS", 3600)
+    with FederatedExecutor(max_workers=2) as executor:
+        for _ in range(3):
+            assert list(executor.map(abs, range(-20_000, 0))) == list(range(20_000, 0, -1))
+            for i in range(300):
+                assert executor.submit(abs, -i).result(timeout=GUARD) == i

@@ -18,7 +18,10 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import select
 import socket
+import sys
+import threading
 import time
 from collections import OrderedDict
 from concurrent import futures
@@ -44,6 +47,21 @@ START_BATCH_SECONDS = 0.001
 #: with STARTED: its result arrives about as soon as the notice would.
 QUICK_SECONDS = 0.0002
 MAX_DRAIN = 256  # messages handled per poll before running tasks again
+#: Seconds a worker whose lifeline closed may take to finish on its own before
+#: it is ended mid-task: its origin is gone, so nobody wants the result.
+LIFELINE_GRACE = 1.0
+
+
+def _watch_lifeline(fd: int) -> None:
+    """End the process once the lifeline closes, even if a task never yields."""
+    select.select([fd], [], [])
+    time.sleep(LIFELINE_GRACE)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # closed or broken: nothing more to save
+    os._exit(1)
 
 
 class _InitState:
@@ -122,6 +140,10 @@ class Worker:
         self.sock.setsockopt(zmq.SNDHWM, 0)  # credit bounds what we receive; never drop results
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.connect(self.address)
+        if self.lifeline is not None:
+            threading.Thread(
+                target=_watch_lifeline, args=(self.lifeline,), name="lifeline", daemon=True
+            ).start()
         self.hub.install()
         serialize.set_process_label(self.name)
         self._send(p.Hello({

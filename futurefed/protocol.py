@@ -171,8 +171,8 @@ class _MetaMessage(Message):
 @_register
 @dataclass(frozen=True)
 class Hello(_MetaMessage):
-    """A peer introduces itself: ``role`` (origin, worker, broker), ``name``,
-    ``host``, ``pid`` and ``versions``."""
+    """A peer introduces itself: ``role`` (``origin`` or ``worker``),
+    ``name``, ``host`` and ``pid``."""
 
     command = Command.HELLO
 

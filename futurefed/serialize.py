@@ -18,7 +18,7 @@ import socket
 import sys
 import traceback
 import types
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import cloudpickle
 
@@ -53,10 +53,16 @@ def _rebuild_bytes(buffer: Any) -> bytes:
     return bytes(buffer)
 
 
-class _LargeBytes:
-    """Stands in for a large ``bytes`` so that it pickles out-of-band.
+def _rebuild_bytearray(buffer: Any) -> bytearray:
+    return bytearray(buffer)
 
-    Picklers never call ``reducer_override`` for exact ``bytes``, so the
+
+class _LargeBytes:
+    """Stands in for a large ``bytes`` or ``bytearray`` so that it pickles
+    out-of-band.
+
+    Picklers never call ``reducer_override`` for exact ``bytes`` and pickle
+    ``bytearray`` in-band themselves, so the
     wrapping happens before pickling, near the top of the object: the value
     itself and the items of small tuples, lists and dicts two levels down
     (which covers ``(args, kwargs)`` and a returned value).
@@ -64,11 +70,12 @@ class _LargeBytes:
 
     __slots__ = ("data",)
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: Union[bytes, bytearray]) -> None:
         self.data = data
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        return _rebuild_bytes, (pickle.PickleBuffer(self.data),)
+        rebuild = _rebuild_bytes if type(self.data) is bytes else _rebuild_bytearray
+        return rebuild, (pickle.PickleBuffer(self.data),)
 
 
 _SHALLOW_LIMIT = 64  # containers longer than this are not scanned
@@ -76,7 +83,7 @@ _SHALLOW_LIMIT = 64  # containers longer than this are not scanned
 
 def _lift_large_bytes(obj: Any, depth: int = 2) -> Any:
     kind = type(obj)
-    if kind is bytes:
+    if kind is bytes or kind is bytearray:
         return _LargeBytes(obj) if len(obj) >= OOB_THRESHOLD else obj
     if depth == 0 or kind not in (tuple, list, dict) or len(obj) > _SHALLOW_LIMIT:
         return obj

@@ -181,7 +181,7 @@ class BrokerState:
                 self._cancel(task)
 
     def _on_heartbeat(self, ident: bytes, message: p.Message) -> None:
-        pass  # any message is proof of life; liveness tracking lives in core
+        pass  # nothing to do: a peer may send it when it has nothing else to say
 
     def _on_bye(self, ident: bytes, message: p.Message) -> None:
         self._drop_peer(ident)

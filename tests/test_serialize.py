@@ -1,0 +1,142 @@
+"""Pickling for the wire: out-of-band buffers, exceptions, function blobs."""
+
+from __future__ import annotations
+
+import functools
+import gc
+import pickle
+import threading
+import types
+
+import pytest
+
+from futurefed import serialize
+from futurefed.errors import RemoteTraceback, SerializationError
+
+LARGE = serialize.OOB_THRESHOLD
+
+
+@pytest.mark.parametrize(
+    "value, frames",
+    [
+        (b"small", 1),
+        (b"x" * LARGE, 2),
+        (bytearray(LARGE), 2),
+        (((b"a" * LARGE, b"b" * LARGE), {"k": bytearray(LARGE)}), 4),  # an (args, kwargs) pair
+        ([b"c" * LARGE] * 65, 1),  # a long list is not scanned: in band
+    ],
+)
+def test_large_bytes_travel_out_of_band(value, frames):
+    encoded = serialize.dumps(value)
+    assert len(encoded) == frames
+    decoded = serialize.loads(encoded)
+    assert decoded == value and type(decoded) is type(value)
+
+
+def test_pickle_buffers_out_of_band_without_copy():
+    numpy = pytest.importorskip("numpy")
+    array = numpy.arange(LARGE, dtype=numpy.float64)
+    stream, buffer = serialize.dumps(array)
+    assert numpy.shares_memory(numpy.frombuffer(buffer, dtype=numpy.float64), array)
+    received = bytearray(buffer)  # as a received message buffer
+    rebuilt = serialize.loads([stream, received])
+    assert numpy.shares_memory(rebuilt, numpy.frombuffer(received, dtype=numpy.float64))
+    assert (rebuilt == array).all()
+
+
+def test_unpicklable_object_raises_serialization_error():
+    with pytest.raises(SerializationError, match="cannot pickle") as info:
+        serialize.dumps(((threading.Lock(),), {}))
+    assert isinstance(info.value, pickle.PicklingError)
+
+
+def test_garbage_does_not_unpickle():
+    with pytest.raises(SerializationError, match="cannot unpickle"):
+        serialize.loads([b"not a pickle"])
+    with pytest.raises(SerializationError):
+        serialize.loads([])
+
+
+class Unpicklable(Exception):
+    def __init__(self) -> None:
+        super().__init__("holds a lock")
+        self.lock = threading.Lock()
+
+
+class BadInit(Exception):
+    def __init__(self, a, b):  # pickles, but cannot be rebuilt from its args
+        super().__init__(a)
+
+
+def raise_and_dump(exc):
+    try:
+        raise exc
+    except BaseException as caught:
+        return serialize.dump_exception(caught)
+
+
+def test_exception_round_trip_keeps_type_and_remote_traceback():
+    rebuilt = serialize.load_exception(raise_and_dump(KeyError("k")))
+    assert type(rebuilt) is KeyError and rebuilt.args == ("k",)
+    assert isinstance(rebuilt.__cause__, RemoteTraceback)
+    assert "raise_and_dump" in str(rebuilt.__cause__)
+    assert "Raised in" in str(rebuilt.__cause__)
+
+
+def test_unpicklable_exception_becomes_serialization_error_with_traceback():
+    rebuilt = serialize.load_exception(raise_and_dump(Unpicklable()))
+    assert isinstance(rebuilt, SerializationError)
+    assert "Unpicklable" in str(rebuilt)
+    assert "raise_and_dump" in str(rebuilt.__cause__)
+
+
+def test_exception_that_cannot_be_rebuilt_becomes_serialization_error():
+    rebuilt = serialize.load_exception(raise_and_dump(BadInit(1, 2)))
+    assert isinstance(rebuilt, SerializationError)
+    assert "BadInit" in str(rebuilt.__cause__)
+
+
+def test_function_digest_is_stable_and_names_the_blob():
+    make = lambda k: lambda x: x * k  # noqa: E731
+    digest, blob = serialize.dump_function(make(3))
+    assert len(digest) == 16 and digest == serialize.digest(blob)
+    assert serialize.dump_function(make(3)) == (digest, blob)
+    assert serialize.dump_function(make(4))[0] != digest
+    assert serialize.loads([blob])(5) == 15
+
+
+def test_main_functions_share_one_namespace():
+    # Two functions "from __main__" pickled apart, as an initializer and a task.
+    source = "def init(v):\n    global G\n    G = v\ndef read():\n    return (G, helper())\ndef helper():\n    return G * 2\n"
+    module = types.ModuleType("__main__")
+    exec(source, module.__dict__)
+    namespace: dict = {}
+    init = serialize.share_main_globals(_by_value(module.init), namespace)
+    read = serialize.share_main_globals(_by_value(module.read), namespace)
+    init(21)
+    assert read() == (21, 42)
+
+
+def _by_value(fn):
+    """fn pickled and unpickled on its own, as a worker gets it."""
+    import cloudpickle
+
+    return pickle.loads(cloudpickle.dumps(fn))
+
+
+def test_function_cache_is_by_identity_and_weak():
+    from futurefed.executor import FederatedExecutor
+
+    executor = FederatedExecutor.__new__(FederatedExecutor)  # only the cache is used
+    import weakref
+
+    executor._functions = weakref.WeakKeyDictionary()
+    fn = lambda x: x  # noqa: E731
+    part = functools.partial(pow, 2)
+    first = executor._function(fn)
+    assert executor._function(fn) is first
+    assert executor._function(part) is executor._function(part)
+    assert len(executor._functions) == 2
+    del fn, part
+    gc.collect()
+    assert len(executor._functions) == 0

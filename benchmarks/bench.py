@@ -18,11 +18,14 @@ import argparse
 import gc
 import json
 import math
+import multiprocessing
 import os
 import platform
 import statistics
 import sys
+import threading
 import time
+import traceback
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import (
     Executor,
@@ -31,12 +34,16 @@ from concurrent.futures import (
     ThreadPoolExecutor,
     wait,
 )
+from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 MiB = 1024 * 1024
 LATENCY_TARGET = 1.5  # "futurefed latency at most 1.5x ProcessPoolExecutor's"
+WATCHDOG_GRACE_S = 10.0  # on top of --timeout, so the executors' own timeouts fire first
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------
@@ -148,19 +155,69 @@ def warm_up(executor: Executor, workers: int, timeout: float) -> None:
     list(executor.map(noop, range(2 * workers), timeout=timeout))
 
 
+class Hung(RuntimeError):
+    """A call did not return within its deadline; its thread was abandoned."""
+
+    def __init__(self, message: str, stack: str) -> None:
+        super().__init__(message)
+        self.stack = stack
+
+
+def call_with_deadline(fn: Callable[[], T], deadline_s: float, what: str) -> T:
+    """Run ``fn`` in a helper thread and give up on it after ``deadline_s``.
+
+    Executors are only supposed to block for as long as the timeouts they are
+    given, but a broken one can block anywhere (in submit(), in shutdown()...).
+    Running each sample in a throwaway daemon thread keeps such a hang from
+    stopping the whole benchmark; the stuck thread's stack is kept for the report.
+    """
+    outcome: list[Any] = []
+
+    def target() -> None:
+        try:
+            outcome.append((True, fn()))
+        except BaseException as exc:  # handed over to the calling thread
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=target, name=f"bench: {what}", daemon=True)
+    thread.start()
+    thread.join(deadline_s)
+    if not outcome:
+        frame = sys._current_frames().get(thread.ident or -1)
+        frames = traceback.extract_stack(frame) if frame else traceback.StackSummary()
+        where = next(
+            (
+                f" in {Path(f.filename).name}:{f.lineno} {f.name}()"
+                for f in reversed(frames)
+                if Path(f.filename).name != "threading.py"
+            ),
+            "",
+        )
+        stack = "".join(frames.format()) or "(stack unavailable)\n"
+        raise Hung(f"Hung: still blocked after {deadline_s:g}s{where}; abandoned", stack)
+    ok, value = outcome[0]
+    if ok:
+        return value  # type: ignore[no-any-return]
+    raise value
+
+
 class ExecutorPool:
-    """Owns the live executors; creates, warms up and replaces them."""
+    """Owns the live executors; creates, warms up, replaces and shuts them down."""
+
+    SHUTDOWN_DEADLINE_S = 30.0  # for a clean shutdown(wait=True) at the end
+    DISCARD_DEADLINE_S = 5.0  # for shutdown(wait=False) of a broken executor
 
     def __init__(self, keys: Sequence[str], workers: int, timeout: float) -> None:
         self.keys = tuple(keys)
         self.workers = workers
         self.timeout = timeout
         self.startup_s: dict[str, list[float]] = {key: [] for key in self.keys}
+        self.abandoned: set[str] = set()  # executors left blocked in some thread
         self._live: dict[str, Executor] = {}
 
     def start_all(self) -> None:
         for key in sorted(self.keys, key=CREATION_ORDER.index):
-            self.get(key)
+            call_with_deadline(partial(self.get, key), self.timeout, f"starting {key}")
 
     def get(self, key: str) -> Executor:
         executor = self._live.get(key)
@@ -172,19 +229,33 @@ class ExecutorPool:
             self.startup_s[key].append(time.perf_counter() - started)
         return executor
 
-    def discard(self, key: str) -> None:
-        """Drop a (possibly broken) executor; the next get() makes a fresh one."""
+    def discard(self, key: str, hung: bool = False) -> None:
+        """Drop a broken executor without waiting for it; the next get() makes a fresh one."""
         executor = self._live.pop(key, None)
+        if hung:
+            self.abandoned.add(key)
         if executor is not None:
-            try:
-                executor.shutdown(wait=False, cancel_futures=True)
-            except Exception as exc:  # noqa: BLE001 - best effort
-                log(f"  (shutting down {key} failed: {exc!r})")
+            self._shutdown(key, executor, wait_for_workers=False)
 
     def close(self, wait_for_workers: bool = True) -> None:
         for key in list(self._live):
-            executor = self._live.pop(key)
-            executor.shutdown(wait=wait_for_workers, cancel_futures=not wait_for_workers)
+            self._shutdown(key, self._live.pop(key), wait_for_workers)
+
+    def _shutdown(self, key: str, executor: Executor, wait_for_workers: bool) -> None:
+        deadline = self.SHUTDOWN_DEADLINE_S if wait_for_workers else self.DISCARD_DEADLINE_S
+        try:
+            call_with_deadline(
+                lambda: executor.shutdown(
+                    wait=wait_for_workers, cancel_futures=not wait_for_workers
+                ),
+                deadline,
+                f"shutting down {key}",
+            )
+        except Hung as exc:
+            log(f"  warning: shutting down {key}: {exc}")
+            self.abandoned.add(key)
+        except Exception as exc:  # best effort
+            log(f"  warning: shutting down {key} failed: {exc!r}")
 
 
 # --------------------------------------------------------------------------
@@ -247,6 +318,7 @@ class Metric:
 class Scenario:
     name: str
     summary: str
+    size: Callable[[Sizes], str]  # describes the work done per sample
     metrics: tuple[Metric, ...]
     run: Callable[[Executor, Context], Sample]
     warmup: Callable[[Executor, Context], None] | None = None
@@ -362,24 +434,28 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             "map_c1",
             "no-op map(), chunksize=1",
+            lambda s: f"{s.map_items:,} items",
             (Metric("throughput", "map noop chunksize=1", "tasks/s", True, ",.0f"),),
             run_map(big_chunks=False),
         ),
         Scenario(
             "map_c200",
             "no-op map(), chunksize=200",
+            lambda s: f"{s.map_items:,} items",
             (Metric("throughput", "map noop chunksize=200", "tasks/s", True, ",.0f"),),
             run_map(big_chunks=True),
         ),
         Scenario(
             "submit",
             "individual submit()s, then wait for all",
+            lambda s: f"{s.submit_items:,} tasks",
             (Metric("throughput", "submit noop + wait all", "tasks/s", True, ",.0f"),),
             run_submit,
         ),
         Scenario(
             "latency",
             "sequential submit(noop).result() round trips",
+            lambda s: f"{s.latency_calls:,} round trips",
             (
                 Metric("p50", "round trip latency p50", "µs", False, ",.1f", is_latency=True),
                 Metric("p99", "round trip latency p99", "µs", False, ",.1f", is_latency=True),
@@ -389,6 +465,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             "arg_bytes",
             "one task with a large bytes argument (returns its len)",
+            lambda s: f"{s.payload_bytes / MiB:g} MiB",
             (Metric("bandwidth", "large bytes argument", "MB/s", True, ",.1f"),),
             run_payload_arg,
             warmup=warm_payload_arg,
@@ -397,13 +474,15 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             "result_bytes",
             "one task returning a large bytes result",
+            lambda s: f"{s.payload_bytes / MiB:g} MiB",
             (Metric("bandwidth", "large bytes result", "MB/s", True, ",.1f"),),
             run_payload_result,
             warmup=warm_payload_result,
         ),
         Scenario(
             "cpu",
-            "20 ms busy-loop tasks (parallel efficiency)",
+            "busy-loop tasks (parallel efficiency)",
+            lambda s: f"{s.cpu_tasks} x {s.cpu_task_s * 1000:g} ms",
             (
                 Metric("wall", "cpu tasks wall time", "s", False, ",.3f"),
                 Metric("efficiency", "cpu tasks parallel efficiency", "of ideal", True, ".1%"),
@@ -423,24 +502,12 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def describe_sizes(scenario: Scenario, ctx: Context) -> str:
-    s = ctx.sizes
-    return {
-        "map_c1": f"{s.map_items:,} items",
-        "map_c200": f"{s.map_items:,} items",
-        "submit": f"{s.submit_items:,} tasks",
-        "latency": f"{s.latency_calls:,} round trips",
-        "arg_bytes": f"{s.payload_bytes / MiB:g} MiB",
-        "result_bytes": f"{s.payload_bytes / MiB:g} MiB",
-        "cpu": f"{s.cpu_tasks} x {s.cpu_task_s * 1000:g} ms",
-    }.get(scenario.name, "")
-
-
 @dataclass
 class ScenarioResult:
     scenario: Scenario
     samples: dict[str, list[Sample]]
-    errors: dict[str, str]
+    errors: dict[str, str] = field(default_factory=dict)
+    stacks: dict[str, str] = field(default_factory=dict)  # where hung executors were blocked
 
     def values(self, metric: Metric, key: str) -> list[float]:
         return [sample.values[metric.key] for sample in self.samples.get(key, [])]
@@ -456,32 +523,71 @@ class ScenarioResult:
             return None
         return fed / ppe if metric.higher_is_better else ppe / fed
 
+    def paired_ratio(self, metric: Metric) -> float | None:
+        """Median over repetitions of the per-repetition ratio (same orientation as ratio()).
+
+        Fed and PPE samples of one repetition run back to back, so when the
+        whole machine drifts between repetitions this cancels more of it.
+        """
+        by_rep = {
+            key: {sample.raw["rep"]: sample.values[metric.key] for sample in self.samples[key]}
+            for key in ("fed", "ppe")
+            if key in self.samples
+        }
+        if len(by_rep) < 2:
+            return None
+        ratios = [
+            fed / ppe if metric.higher_is_better else ppe / fed
+            for rep, fed in by_rep["fed"].items()
+            if (ppe := by_rep["ppe"].get(rep)) and fed
+        ]
+        return statistics.median(ratios) if ratios else None
+
     def fed_over_ppe(self, metric: Metric) -> float | None:
         fed, ppe = self.median(metric, "fed"), self.median(metric, "ppe")
         return fed / ppe if fed and ppe else None
+
+
+def take_sample(scenario: Scenario, pool: ExecutorPool, key: str, ctx: Context) -> Sample:
+    """Warm up (untimed), then run one timed sample of ``scenario`` on executor ``key``."""
+    executor = pool.get(key)
+    warm_up(executor, ctx.workers, ctx.timeout)
+    if scenario.warmup is not None:
+        scenario.warmup(executor, ctx)
+    gc.collect()
+    return scenario.run(executor, ctx)
 
 
 def run_scenario(
     scenario: Scenario, pool: ExecutorPool, ctx: Context, repeat: int
 ) -> ScenarioResult:
     keys = pool.keys
-    result = ScenarioResult(scenario, {key: [] for key in keys}, {})
-    log(f"[{scenario.name}] {scenario.summary}: {describe_sizes(scenario, ctx)}")
+    result = ScenarioResult(scenario, {key: [] for key in keys})
+    log(f"[{scenario.name}] {scenario.summary}: {scenario.size(ctx.sizes)}")
     for rep in range(repeat):
         order = keys if rep % 2 == 0 else keys[::-1]
         for key in order:
             if key in result.errors:
                 continue
+            label = f"rep {rep + 1}/{repeat} {key:>6}"
             try:
-                executor = pool.get(key)
-                warm_up(executor, ctx.workers, ctx.timeout)
-                if scenario.warmup is not None:
-                    scenario.warmup(executor, ctx)
-                gc.collect()
-                sample = scenario.run(executor, ctx)
-            except Exception as exc:  # noqa: BLE001 - report and carry on
-                result.errors[key] = f"{type(exc).__name__}: {exc}"
-                log(f"  rep {rep + 1}/{repeat} {key:>6}: FAILED {result.errors[key]}")
+                sample = call_with_deadline(
+                    partial(take_sample, scenario, pool, key, ctx),
+                    ctx.timeout + WATCHDOG_GRACE_S,
+                    f"{scenario.name}/{key}",
+                )
+            except Hung as exc:
+                result.errors[key] = str(exc)
+                log(f"  {label}: FAILED {exc}. Stack of the blocked thread:\n{exc.stack}")
+                result.stacks[key] = exc.stack
+                pool.discard(key, hung=True)
+                continue
+            except Exception as exc:  # report it and carry on
+                detail = str(exc)
+                if not detail and isinstance(exc, FuturesTimeout):
+                    detail = f"no result within --timeout {ctx.timeout:g}s"
+                result.errors[key] = f"{type(exc).__name__}: {detail}"
+                log(f"  {label}: FAILED {result.errors[key]}")
                 pool.discard(key)
                 continue
             sample.raw["rep"] = rep
@@ -489,7 +595,7 @@ def run_scenario(
             shown = ", ".join(
                 f"{m.key}={format(sample.values[m.key], m.fmt)} {m.unit}" for m in scenario.metrics
             )
-            log(f"  rep {rep + 1}/{repeat} {key:>6}: {shown}")
+            log(f"  {label}: {shown}")
     return result
 
 
@@ -507,7 +613,9 @@ def format_table(rows: list[list[str]], right_align_from: int = 2) -> str:
     return "\n".join([fmt(rows[0]), rule, *(fmt(row) for row in rows[1:])])
 
 
-def render_report(results: Iterable[ScenarioResult], keys: Sequence[str]) -> str:
+def render_report(
+    results: Iterable[ScenarioResult], keys: Sequence[str], notes: Sequence[str] = ()
+) -> str:
     header = ["scenario", "unit", *(EXECUTOR_KINDS[k].label for k in keys), "ratio", "fed/ppe ×"]
     rows = [header]
     errors: list[str] = []
@@ -516,8 +624,10 @@ def render_report(results: Iterable[ScenarioResult], keys: Sequence[str]) -> str
             row = [metric.label, f"{metric.unit} {'↑' if metric.higher_is_better else '↓'}"]
             for key in keys:
                 median = result.median(metric, key)
-                row.append("ERROR" if key in result.errors else
-                           "-" if median is None else format(median, metric.fmt))
+                if key in result.errors:
+                    row.append("ERROR")
+                else:
+                    row.append("-" if median is None else format(median, metric.fmt))
             ratio = result.ratio(metric)
             row.append("-" if ratio is None else f"{ratio:.2f}")
             fed_over_ppe = result.fed_over_ppe(metric) if metric.is_latency else None
@@ -535,6 +645,7 @@ def render_report(results: Iterable[ScenarioResult], keys: Sequence[str]) -> str
         "ratio > 1.00 means futurefed is better (throughput: fed/ppe; latency and wall: ppe/fed).",
         f"fed/ppe ×: futurefed latency as a multiple of ProcessPoolExecutor's "
         f"(target ≤ {LATENCY_TARGET}×).",
+        *notes,
     ]
     if errors:
         lines += ["", "Errors:", *errors]
@@ -555,6 +666,7 @@ def build_json(
                 "samples": {k: result.values(metric, k) for k in pool.keys},
                 "median": {k: result.median(metric, k) for k in pool.keys},
                 "ratio": result.ratio(metric),
+                "paired_ratio_median": result.paired_ratio(metric),
                 "fed_over_ppe": result.fed_over_ppe(metric),
             }
         scenarios[result.scenario.name] = {
@@ -562,6 +674,7 @@ def build_json(
             "metrics": metrics,
             "raw": {k: [asdict(s) for s in result.samples[k]] for k in pool.keys},
             "errors": result.errors,
+            "hung_stacks": result.stacks,
         }
     executors = {
         k: {"label": EXECUTOR_KINDS[k].label, "startup_s": pool.startup_s[k]} for k in pool.keys
@@ -570,8 +683,6 @@ def build_json(
 
 
 def collect_meta(args: argparse.Namespace, sizes: Sizes, repeat: int) -> dict[str, Any]:
-    import multiprocessing
-
     meta: dict[str, Any] = {
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "argv": sys.argv,
@@ -620,8 +731,9 @@ def comma_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
         names = [name.strip() for name in text.split(",") if name.strip()]
         unknown = [name for name in names if name not in choices]
         if unknown or not names:
+            bad = ", ".join(unknown) or "(none)"
             raise argparse.ArgumentTypeError(
-                f"unknown name(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(choices)}"
+                f"unknown name(s) {bad}; choose from {', '.join(choices)}"
             )
         return list(dict.fromkeys(names))
 
@@ -643,33 +755,83 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         + "\n".join(f"  {s.name:<13} {s.summary}" for s in SCENARIOS.values()),
     )
     parser.add_argument(
-        "--workers", type=positive_int, default=os.cpu_count() or 1,
+        "--workers",
+        type=positive_int,
+        default=os.cpu_count() or 1,
         help="workers per executor (default: os.cpu_count() = %(default)s)",
     )
     parser.add_argument(
-        "--repeat", type=positive_int, default=None,
+        "--repeat",
+        type=positive_int,
+        default=None,
         help="repetitions per scenario and executor; the median is reported "
         "(default: 5, or 1 with --quick)",
     )
     parser.add_argument(
-        "--quick", action="store_true",
+        "--quick",
+        action="store_true",
         help="smoke test: repeat=1 and 1/10 of the sizes",
     )
     parser.add_argument(
-        "--only", type=comma_list(list(SCENARIOS)), default=list(SCENARIOS),
-        metavar="NAME[,NAME]", help="scenarios to run (default: all)",
+        "--only",
+        type=comma_list(list(SCENARIOS)),
+        default=list(SCENARIOS),
+        metavar="NAME[,NAME]",
+        help="scenarios to run (default: all)",
     )
     parser.add_argument(
-        "--executors", type=comma_list(list(EXECUTOR_KINDS)), default=list(DEFAULT_EXECUTORS),
+        "--executors",
+        type=comma_list(list(EXECUTOR_KINDS)),
+        default=list(DEFAULT_EXECUTORS),
         metavar="NAME[,NAME]",
         help="executors to compare: fed, ppe, thread (default: fed,ppe)",
     )
     parser.add_argument("--json", type=Path, metavar="PATH", help="write raw samples and medians")
     parser.add_argument(
-        "--timeout", type=float, default=120.0, metavar="SECONDS",
+        "--timeout",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
         help="give up on a sample after this long; the executor is then replaced (default: 120)",
     )
     return parser.parse_args(argv)
+
+
+def run_all(
+    pool: ExecutorPool, scenarios: Sequence[Scenario], ctx: Context, repeat: int
+) -> list[ScenarioResult]:
+    """Start every executor (untimed), then run the scenarios; always shuts the pool down."""
+    clean_exit = False
+    try:
+        pool.start_all()
+        for key in pool.keys:
+            log(f"  {key} ready in {pool.startup_s[key][0]:.2f}s (startup is not timed)")
+        results = [run_scenario(scenario, pool, ctx, repeat) for scenario in scenarios]
+        clean_exit = True
+        return results
+    finally:
+        pool.close(wait_for_workers=clean_exit)
+
+
+def print_report(
+    results: Sequence[ScenarioResult], keys: Sequence[str], meta: dict[str, Any]
+) -> None:
+    load = ""
+    if meta["loadavg_start"] and meta["loadavg_end"]:
+        load = f"  load1={meta['loadavg_start'][0]:.2f}->{meta['loadavg_end'][0]:.2f}"
+    size_label = "quick (1/10)" if meta["quick"] else "full"
+    print(
+        f"\nworkers={meta['workers']}  repeat={meta['repeat']}  sizes={size_label}"
+        f"  python={platform.python_version()}  cpus={os.cpu_count()}{load}"
+    )
+    notes = []
+    if "payload_build_s" in meta:
+        notes.append(
+            f"large bytes result includes building the payload in the worker "
+            f"(~{meta['payload_build_s'] * 1000:.0f} ms here)."
+        )
+    print(render_report(results, keys, notes))
+    print(f"Total run time: {meta['elapsed_s']:.1f}s")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -677,73 +839,78 @@ def main(argv: Sequence[str] | None = None) -> int:
     repeat = args.repeat if args.repeat is not None else (1 if args.quick else 5)
     sizes = Sizes().scaled_down(10) if args.quick else Sizes()
     scenarios = [s for s in SCENARIOS.values() if s.name in args.only]  # canonical order
-    if "fed" in args.executors:
+    # futurefed first, then the others in the order given.
+    keys = sorted(args.executors, key=lambda k: (k != "fed", args.executors.index(k)))
+    if "fed" in keys:
         try:
             federated_executor_class()
         except ExecutorUnavailable as exc:
             log(f"error: {exc}")
             return 2
-    ctx = Context(sizes=sizes, workers=args.workers, timeout=args.timeout)
+
     meta = collect_meta(args, sizes, repeat)
     run_started = time.perf_counter()
-
+    ctx = Context(sizes=sizes, workers=args.workers, timeout=args.timeout)
     if any(s.needs_payload for s in scenarios):
         ctx.payload = make_payload(sizes.payload_bytes)
         ctx.warmup_payload = make_payload(sizes.warmup_payload_bytes)
     if "result_bytes" in args.only:
         meta["payload_build_s"] = time_payload_build(sizes.payload_bytes)
 
-    # Keep the table's column order as given, but always put futurefed first.
-    keys = sorted(args.executors, key=lambda k: (k != "fed", args.executors.index(k)))
-    pool = ExecutorPool(keys, args.workers, args.timeout)
     log(
         f"futurefed benchmark: workers={args.workers} repeat={repeat} "
         f"executors={','.join(keys)}{' (quick)' if args.quick else ''}"
     )
-    results: list[ScenarioResult] = []
-    clean_exit = False
+    pool = ExecutorPool(keys, args.workers, args.timeout)
     try:
-        try:
-            pool.start_all()
-        except ExecutorUnavailable as exc:
-            log(f"error: {exc}")
-            clean_exit = True
-            return 2
-        for key in keys:
-            log(f"  {key} ready in {pool.startup_s[key][0]:.2f}s (startup is not timed)")
-        for scenario in scenarios:
-            results.append(run_scenario(scenario, pool, ctx, repeat))
-        clean_exit = True
+        results = run_all(pool, scenarios, ctx, repeat)
+    except ExecutorUnavailable as exc:
+        log(f"error: {exc}")
+        return exit_now(2, pool)
+    except Hung as exc:
+        log(f"error: {exc}. Stack of the blocked thread:\n{exc.stack}")
+        return exit_now(2, pool)
     except KeyboardInterrupt:
         log("interrupted")
-        return 130
-    finally:
-        pool.close(wait_for_workers=clean_exit)
-
-    elapsed = time.perf_counter() - run_started
-    meta["elapsed_s"] = elapsed
+        return exit_now(130, pool)
+    meta["elapsed_s"] = time.perf_counter() - run_started
     meta["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
 
-    load = ""
-    if meta["loadavg_start"] and meta["loadavg_end"]:
-        load = f"  load1={meta['loadavg_start'][0]:.2f}->{meta['loadavg_end'][0]:.2f}"
-    print(
-        f"\nworkers={args.workers}  repeat={repeat}  sizes={'quick (1/10)' if args.quick else 'full'}"
-        f"  python={platform.python_version()}  cpus={os.cpu_count()}{load}"
-    )
-    print(render_report(results, keys))
-    if "payload_build_s" in meta:
-        print(
-            f"result_bytes includes building the payload in the worker "
-            f"(~{meta['payload_build_s'] * 1000:.0f} ms here)."
-        )
-    print(f"Total run time: {elapsed:.1f}s")
+    print_report(results, keys, meta)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(build_json(results, meta, pool), indent=1) + "\n")
         print(f"Raw samples written to {args.json}")
-    return 1 if any(result.errors for result in results) else 0
+    return exit_now(1 if any(result.errors for result in results) else 0, pool)
+
+
+_hard_exit_needed = False
+
+
+def exit_now(code: int, pool: ExecutorPool) -> int:
+    """Clean up after executors that were abandoned while blocked, then return ``code``.
+
+    Their worker processes may never exit on their own (orphaned
+    ProcessPoolExecutor workers don't), so terminate our multiprocessing
+    children; and since the interpreter would likely hang at exit joining their
+    threads, ask the ``__main__`` block below to leave with os._exit().
+    """
+    global _hard_exit_needed
+    if pool.abandoned:
+        log(
+            f"warning: abandoned blocked executor(s) {', '.join(sorted(pool.abandoned))}; "
+            "terminating child processes; exiting without waiting for their threads"
+        )
+        for child in multiprocessing.active_children():
+            child.terminate()
+        _hard_exit_needed = True
+    return code
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    if _hard_exit_needed:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
+    sys.exit(exit_code)

@@ -172,7 +172,8 @@ class Agent(threading.Thread):
             kind = command[0]
             if kind == _SUBMIT:
                 _, task_id, future, fn, init, frames = command
-                if future.done():  # cancelled before it left
+                if future.cancelled():  # cancelled before it left
+                    _notify_cancelled(future)
                     continue
                 if self.shared.broken is not None:
                     future.set_exception(self.shared.broken)
@@ -184,8 +185,10 @@ class Agent(threading.Thread):
                         blobs[digest] = blob
                 submits.append(p.TaskRecord(task_id, fn[0], init[0], frames))
             elif kind == _CANCEL:
-                if self.pending.pop(command[1], None) is not None:
+                future = self.pending.pop(command[1], None)
+                if future is not None:
                     cancels.append(command[1])
+                    _notify_cancelled(future)
             else:
                 self._stopping = True
         if submits:
@@ -244,6 +247,12 @@ class Agent(threading.Thread):
                 future.set_exception(error)
             except futures.InvalidStateError:
                 pass  # cancelled or finished by the user meanwhile
+
+
+def _notify_cancelled(future: futures.Future) -> None:  # type: ignore[type-arg]
+    """Move a cancelled future to CANCELLED_AND_NOTIFIED, as the stdlib
+    executors do when they drop one, so that ``wait()`` counts it done."""
+    future.set_running_or_notify_cancel()
 
 
 def watch_executor(executor: Any, agent: Agent) -> "weakref.ref[Any]":

@@ -141,8 +141,9 @@ def _decode_json(cls: type, frame: Frame) -> Dict[str, Any]:
         raise RemoteProtocolError(f"{cls.__name__}: metadata of {len(raw)} bytes is too large")
     try:
         value = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise RemoteProtocolError(f"{cls.__name__}: metadata is not JSON: {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # RecursionError: deeply nested JSON, which json.loads cannot parse
+        raise RemoteProtocolError(f"{cls.__name__}: metadata is not JSON: {exc!r}"[:200]) from None
     if not isinstance(value, dict):
         raise RemoteProtocolError(f"{cls.__name__}: metadata is not a JSON object")
     return value
@@ -194,7 +195,10 @@ class Refuse(Message):
     reason: str = ""
 
     def encode_body(self) -> List[Frame]:
-        return [self.reason.encode("utf-8")]
+        reason = self.reason.encode("utf-8")
+        if len(reason) > MAX_JSON_BYTES:
+            reason = reason[: MAX_JSON_BYTES - 3] + b"..."
+        return [reason]
 
     @classmethod
     def decode_body(cls, frames: Sequence[Frame]) -> Message:

@@ -106,7 +106,10 @@ class Broker:
                     frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
-                state.receive(frames[0].bytes, frames[1:])
+                try:
+                    state.receive(frames[0].bytes, frames[1:])
+                except Exception:  # a bug must not take the broker down with it
+                    logger.exception("broker %s: error handling a message", self.name)
             for ident, frames in state.pump():
                 router.send_multipart([ident, *frames], copy=False)
 

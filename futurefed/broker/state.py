@@ -122,8 +122,9 @@ class BrokerState:
     def _on_hello(self, ident: bytes, message: p.Hello) -> None:
         role = message.meta.get("role")
         if role not in ROLES:
-            self._send(ident, p.Refuse(f"unknown role {role!r}"))
-            raise RemoteProtocolError(f"HELLO with unknown role {role!r}")
+            shown = repr(role)[:80]
+            self._send(ident, p.Refuse(f"unknown role {shown}"))
+            raise RemoteProtocolError(f"HELLO with unknown role {shown}")
         if ident in self.peers:
             self._drop_peer(ident)
         peer = self.peers[ident] = Peer(ident, message.meta)
@@ -251,33 +252,42 @@ class BrokerState:
         return out
 
     def _dispatch(self) -> None:
-        queue, ready = self.queue, self.ready
+        """Spread the queue over workers with credit, each taking at most an
+        even share per pass; served workers go to the back of the line."""
+        ready = self.ready
         while self.queued and ready:
-            ident, worker = next(iter(ready.items()))
-            del ready[ident]
-            share = -(-self.queued // (len(ready) + 1))  # ceil: spread over ready workers
-            batch: List[p.TaskRecord] = []
-            blobs: Dict[bytes, Any] = {}
-            while queue and len(batch) < min(worker.credit, share):
-                task = queue.popleft()
-                if task.cancelled:
-                    continue
-                self.queued -= 1
-                task.worker, task.bid = ident, self._next_bid
-                self._next_bid += 1
-                worker.inflight[task.bid] = task
-                for blob in (task.fn, task.init):
-                    if blob != p.NO_INIT and blob not in worker.known:
-                        blobs[blob] = self.blobs[blob]
-                        worker.known.add(blob)
-                batch.append(p.TaskRecord(task.bid, task.fn, task.init, task.frames))
-            worker.credit -= len(batch)
-            if batch:
-                self._send(ident, p.Tasks(batch, blobs))
-            if worker.credit > 0:
-                ready[ident] = worker  # to the back of the line
+            share = -(-self.queued // len(ready))  # ceil
+            for ident, worker in list(ready.items()):
+                if not self.queued:
+                    break
+                del ready[ident]
+                self._send_batch(ident, worker, min(worker.credit, share))
+                if worker.credit > 0:
+                    ready[ident] = worker
+        queue = self.queue
         while queue and queue[0].cancelled:
             queue.popleft()
+
+    def _send_batch(self, ident: bytes, worker: Peer, count: int) -> None:
+        queue = self.queue
+        batch: List[p.TaskRecord] = []
+        blobs: Dict[bytes, Any] = {}
+        while queue and len(batch) < count:
+            task = queue.popleft()
+            if task.cancelled:
+                continue
+            self.queued -= 1
+            task.worker, task.bid = ident, self._next_bid
+            self._next_bid += 1
+            worker.inflight[task.bid] = task
+            for blob in (task.fn, task.init):
+                if blob != p.NO_INIT and blob not in worker.known:
+                    blobs[blob] = self.blobs[blob]
+                    worker.known.add(blob)
+            batch.append(p.TaskRecord(task.bid, task.fn, task.init, task.frames))
+        worker.credit -= len(batch)
+        if batch:
+            self._send(ident, p.Tasks(batch, blobs))
 
     # -- reporting -----------------------------------------------------------
 

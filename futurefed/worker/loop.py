@@ -9,8 +9,9 @@ waiting on its children never starves them, even with one worker.
 
 Credit: the worker keeps about :data:`PREFETCH_SECONDS` of work in hand,
 judged from a moving average of task durations, never fewer than two tasks
-(one running, one ready) nor more than :data:`MAX_PREFETCH`. Tasks still in
-its queue have not started and can be cancelled.
+(one running, one ready) nor more than :data:`MAX_PREFETCH`; before its first
+task has finished it takes one task only. Tasks still in its queue have not
+started and can be cancelled.
 """
 
 from __future__ import annotations
@@ -330,8 +331,10 @@ class Worker:
         return future
 
     def cancel(self, task_id: int) -> None:
-        if self.pending.pop(task_id, None) is not None:
+        future = self.pending.pop(task_id, None)
+        if future is not None:
             self._cancels.append(task_id)
+            future.set_running_or_notify_cancel()  # wait() counts it done now
 
     def current_init(self) -> Tuple[bytes, Optional[bytes]]:
         """The initializer of the task running now, for tasks it submits."""
@@ -364,7 +367,11 @@ class Worker:
             self._send(p.Credit(want))
 
     def _target(self) -> int:
+        """How many unparked tasks to hold: one until we know how long tasks
+        take (a first task may block for good: nothing should wait behind
+        it while another worker idles), then about PREFETCH_SECONDS of work,
+        and at least one ready behind the running one."""
         if self.ewma is None:
-            return 2
+            return 1
         return max(2, min(MAX_PREFETCH, int(PREFETCH_SECONDS / max(self.ewma, 1e-6))))
 

@@ -97,7 +97,9 @@ class Broker:
             poller.register(self.lifeline, zmq.POLLIN)
         router, state = self.router, self.state
         while True:
-            events = dict(poller.poll(POLL_SECONDS * 1000))
+            check = state.next_check()
+            timeout = POLL_SECONDS if check is None else min(POLL_SECONDS, check)
+            events = dict(poller.poll(timeout * 1000))
             if self.lifeline is not None and self.lifeline in events:
                 logger.info("broker %s: lifeline closed", self.name)
                 return

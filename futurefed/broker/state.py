@@ -17,6 +17,7 @@ dispatched task a fresh id of its own and maps the worker's answer back.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
@@ -32,6 +33,10 @@ Outgoing = Tuple[bytes, List[Any]]
 ORIGIN = "origin"
 WORKER = "worker"
 ROLES = (ORIGIN, WORKER)
+
+#: A task that has waited this long in a worker's queue without starting is
+#: taken back (CANCEL, then requeued) when another worker has nothing to do.
+REVOKE_AFTER = 0.05
 
 
 class Peer:
@@ -57,9 +62,15 @@ class Peer:
 
 
 class QueuedTask:
-    """A task the broker holds: queued, or dispatched to ``worker``."""
+    """A task the broker holds: queued, or dispatched to ``worker`` under
+    broker id ``bid``. A task moved off a worker (see ``_revoke_stranded``)
+    stays in that worker's ``inflight`` under its old id, as a stale copy:
+    ``worker``/``bid`` always name the live one."""
 
-    __slots__ = ("origin", "task_id", "fn", "init", "frames", "worker", "bid", "cancelled")
+    __slots__ = (
+        "origin", "task_id", "fn", "init", "frames",
+        "worker", "bid", "cancelled", "started", "done", "dispatched_at",
+    )
 
     def __init__(self, origin: bytes, record: p.TaskRecord) -> None:
         self.origin = origin
@@ -69,14 +80,18 @@ class QueuedTask:
         self.frames = record.frames
         self.worker: Optional[bytes] = None
         self.bid = 0
-        self.cancelled = False
+        self.cancelled = False  # by its origin: nobody wants the result
+        self.started = False  # its current worker said STARTED
+        self.done = False  # its result went to the origin
+        self.dispatched_at = 0.0
 
 
 class BrokerState:
     """Queue, credits and routing tables of one broker."""
 
-    def __init__(self, name: str = "broker") -> None:
+    def __init__(self, name: str = "broker", clock: Callable[[], float] = time.monotonic) -> None:
         self.name = name
+        self.clock = clock
         self.peers: Dict[bytes, Peer] = {}
         self.queue: Deque[QueuedTask] = deque()
         self.queued = 0  # live (not cancelled) tasks in ``queue``
@@ -158,12 +173,17 @@ class BrokerState:
     def _on_results(self, ident: bytes, message: p.Results) -> None:
         peer = self.peers[ident]
         for record in message.results:
-            task = peer.inflight.pop(record.task_id, None)
-            if task is None:
-                continue  # cancelled origin, or a duplicate: nobody waits for it
+            bid = record.task_id
+            task = peer.inflight.pop(bid, None)
+            if task is None or task.done or task.cancelled:
+                continue  # unknown, already answered, or nobody waits for it
+            live = task.worker == ident and task.bid == bid
+            if not live:
+                if record.status is p.Status.CANCELLED:
+                    continue  # a revoked copy handed back unstarted, as asked
+                self._forget_live_copy(task)  # the revoked copy ran after all: it wins
+            task.done = True
             self.done += 1
-            if task.cancelled:
-                continue
             del self.tasks[(task.origin, task.task_id)]
             record.task_id = task.task_id
             self._results.setdefault(task.origin, []).append(record)
@@ -172,7 +192,8 @@ class BrokerState:
         inflight = self.peers[ident].inflight
         for bid in message.ids:
             task = inflight.get(bid)
-            if task is not None and not task.cancelled:
+            if task is not None and not task.cancelled and task.worker == ident and task.bid == bid:
+                task.started = True
                 self._started.setdefault(task.origin, []).append(task.task_id)
 
     def _on_cancel(self, ident: bytes, message: p.Cancel) -> None:
@@ -192,12 +213,62 @@ class BrokerState:
     def _cancel(self, task: QueuedTask) -> None:
         """Forget ``task``; a worker holding it is asked to drop it."""
         task.cancelled = True
+        self._forget_live_copy(task)
+
+    def _forget_live_copy(self, task: QueuedTask) -> None:
+        """Unqueue ``task``, or ask the worker holding it to drop it."""
         if task.worker is None:
             self.queued -= 1
-        else:
-            worker = self.peers.get(task.worker)
-            if worker is not None:
-                worker.cancels.append(task.bid)
+            return
+        worker = self.peers.get(task.worker)
+        if worker is not None:
+            worker.cancels.append(task.bid)
+
+    def _requeue(self, task: QueuedTask) -> None:
+        """Put a task back at the head of the queue, to be dispatched anew."""
+        task.worker = None
+        task.started = False
+        self.queue.appendleft(task)
+        self.queued += 1
+
+    def _revoke_stranded(self) -> None:
+        """Move tasks waiting behind a long one to a worker that idles.
+
+        A worker holds a few tasks beyond the one it runs. If that one runs
+        long, they wait although another worker may have nothing to do. Such
+        a task is requeued at once, and its old worker asked to drop it
+        (CANCEL): the old worker reads that CANCEL before it starts another
+        task, so the task normally runs once. If the two crossed and it ran
+        on both, the first result is delivered and the other dropped.
+        """
+        if self.queued or not self.ready:
+            return
+        budget = sum(worker.credit for worker in self.ready.values() if not worker.inflight)
+        if not budget:
+            return
+        deadline = self.clock() - REVOKE_AFTER
+        for ident, worker in self.peers.items():
+            if len(worker.inflight) < 2:
+                continue
+            for bid, task in worker.inflight.items():
+                if (
+                    task.started or task.done or task.cancelled or task.bid != bid
+                    or task.worker != ident or task.dispatched_at > deadline
+                ):
+                    continue
+                worker.cancels.append(bid)
+                self._requeue(task)
+                budget -= 1
+                if not budget:
+                    return
+
+    def next_check(self) -> Optional[float]:
+        """Seconds until :meth:`pump` may have something to revoke, or None."""
+        if self.queued or not any(not w.inflight for w in self.ready.values()):
+            return None
+        if not any(len(peer.inflight) > 1 for peer in self.peers.values()):
+            return None
+        return REVOKE_AFTER
 
     def _reject(self, task: QueuedTask, reason: str) -> None:
         record = p.ResultRecord(task.task_id, p.Status.REJECTED, [reason.encode()])
@@ -213,11 +284,9 @@ class BrokerState:
         self.ready.pop(ident, None)
         self._results.pop(ident, None)
         self._started.pop(ident, None)
-        for task in peer.inflight.values():
-            if not task.cancelled:
-                task.worker = None
-                self.queue.appendleft(task)
-                self.queued += 1
+        for bid, task in peer.inflight.items():
+            if task.worker == ident and task.bid == bid and not (task.cancelled or task.done):
+                self._requeue(task)
         peer.inflight.clear()
         for key in [key for key in self.tasks if key[0] == ident]:
             self._cancel(self.tasks.pop(key))
@@ -237,6 +306,7 @@ class BrokerState:
 
     def pump(self) -> List[Outgoing]:
         """Dispatch what can be dispatched; return every message to send."""
+        self._revoke_stranded()
         self._dispatch()
         for ident, peer in self.peers.items():
             if peer.cancels:
@@ -265,19 +335,20 @@ class BrokerState:
                 if worker.credit > 0:
                     ready[ident] = worker
         queue = self.queue
-        while queue and queue[0].cancelled:
+        while queue and (queue[0].cancelled or queue[0].done):
             queue.popleft()
 
     def _send_batch(self, ident: bytes, worker: Peer, count: int) -> None:
         queue = self.queue
         batch: List[p.TaskRecord] = []
         blobs: Dict[bytes, Any] = {}
+        now = self.clock()
         while queue and len(batch) < count:
             task = queue.popleft()
-            if task.cancelled:
+            if task.cancelled or task.done:
                 continue
             self.queued -= 1
-            task.worker, task.bid = ident, self._next_bid
+            task.worker, task.bid, task.dispatched_at = ident, self._next_bid, now
             self._next_bid += 1
             worker.inflight[task.bid] = task
             for blob in (task.fn, task.init):

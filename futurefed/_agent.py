@@ -22,6 +22,8 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 import zmq
 
+from ._sockets import drain
+
 from . import protocol as p
 from .errors import BrokenFederation, FederationLost, RemoteProtocolError
 from .outcome import initializer_failure, resolve_future
@@ -197,17 +199,9 @@ class Agent(threading.Thread):
             self._send(p.Cancel(cancels))
 
     def _drain(self) -> None:
-        for _ in range(MAX_DRAIN):
+        for frames in drain(self._dealer, MAX_DRAIN):
             try:
-                frames = self._dealer.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            try:
-                message = p.decode(frames)
-                handler = self._handlers.get(message.command)
-                if handler is None:
-                    raise RemoteProtocolError(f"{message.command.name} is not for an origin")
-                handler(message)
+                p.dispatch(frames, self._handlers, "an origin")
             except RemoteProtocolError as exc:
                 logger.warning("origin dropped a message from its broker: %s", exc)
 

@@ -48,6 +48,7 @@ __all__ = [
     "Tasks",
     "Welcome",
     "decode",
+    "dispatch",
     "encode",
 ]
 
@@ -447,6 +448,16 @@ def decode_header(frame: Frame) -> Command:
         return Command(command)
     except ValueError:
         raise RemoteProtocolError(f"unknown command {command}") from None
+
+
+def dispatch(frames: Sequence[Frame], handlers: Dict[Command, Any], receiver: str) -> None:
+    """Decode ``frames`` and call the handler of its command; a message
+    ``receiver`` has no handler for is a RemoteProtocolError too."""
+    message = decode(frames)
+    handler = handlers.get(message.command)
+    if handler is None:
+        raise RemoteProtocolError(f"{message.command.name} is not for {receiver}")
+    handler(message)
 
 
 def decode(frames: Sequence[Frame]) -> Message:

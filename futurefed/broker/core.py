@@ -16,6 +16,8 @@ from typing import Any, Optional
 
 import zmq
 
+from .._sockets import drain
+
 from .state import BrokerState
 
 __all__ = ["Broker"]
@@ -103,11 +105,7 @@ class Broker:
             if self.lifeline is not None and self.lifeline in events:
                 logger.info("broker %s: lifeline closed", self.name)
                 return
-            for _ in range(MAX_DRAIN):
-                try:
-                    frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
+            for frames in drain(router, MAX_DRAIN):
                 try:
                     state.receive(frames[0].bytes, frames[1:])
                 except Exception:  # a bug must not take the broker down with it

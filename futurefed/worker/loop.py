@@ -31,6 +31,8 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 import greenlet
 import zmq
 
+from .._sockets import drain
+
 from .. import protocol as p
 from .. import serialize
 from ..outcome import resolve_future, run_call
@@ -185,17 +187,9 @@ class Worker:
     # -- input ------------------------------------------------------------------
 
     def _drain(self) -> None:
-        for _ in range(MAX_DRAIN):
+        for frames in drain(self.sock, MAX_DRAIN):
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            try:
-                message = p.decode(frames)
-                handler = self._handlers.get(message.command)
-                if handler is None:
-                    raise RemoteProtocolError(f"{message.command.name} is not for a worker")
-                handler(message)
+                p.dispatch(frames, self._handlers, "a worker")
             except RemoteProtocolError as exc:
                 logger.warning("worker %s dropped a message: %s", self.name, exc)
             if self.stopping:

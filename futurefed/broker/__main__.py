@@ -4,41 +4,26 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import List, Optional
 
-from .. import config
-from ..errors import ConfigError
+import zmq
+
+from .._cli import configure, parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="fedbroker",
-        description="Run one futurefed broker. Flags override the environment "
-        "variables BROKER_NAME and BROKER_ADDRESS.",
+    cli = parser(
+        "fedbroker",
+        "Run one futurefed broker: workers and origins connect to its task socket.",
+        "BROKER_NAME",
+        "the task socket to bind; port 0 picks a free one",
     )
-    parser.add_argument("--address", help="task socket to bind (BROKER_ADDRESS); port 0 = any")
-    parser.add_argument("--name", help="broker name (BROKER_NAME)")
-    parser.add_argument("--lifeline", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING - 10 * args.verbose,
-        format="%(asctime)s fedbroker %(levelname)s %(message)s",
-    )
-    try:
-        env = config.from_environ()
-        address = config.check_address(args.address, "--address") if args.address else env.broker_address
-    except ConfigError as exc:
-        print(f"fedbroker: {exc}", file=sys.stderr)
-        return 2
+    cli.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    args, env, address = configure(cli, argv)
     from .core import Broker
 
     broker = Broker(address, args.name or env.broker_name, lifeline=args.lifeline, ready_fd=args.ready_fd)
-    import zmq
-
     try:
         broker.bind()
     except zmq.ZMQError as exc:

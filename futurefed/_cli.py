@@ -1,0 +1,58 @@
+"""What ``fedbroker`` and ``fedworker`` share: flags that override the
+manual-launch environment, logging, and one-line errors (exit status 2)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import List, Optional, Tuple
+
+from . import config
+from .errors import ConfigError
+
+
+_EPILOG = """environment (flags win over these):
+  BROKER_ADDRESS  the broker's task socket, e.g. tcp://10.0.0.5:5555
+                  (default tcp://127.0.0.1:5555)
+  BROKER_NAME     the broker's name (default: broker)
+  WORKER_NAME     a worker's name (default: origin)
+  IS_ORIGIN       1 in the process that runs the user's program (default 1)
+"""
+
+
+def parser(
+    prog: str, description: str, name_variable: str, address_help: str
+) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--address", help=f"{address_help} (overrides BROKER_ADDRESS)")
+    parser.add_argument("--name", help=f"this process's name (overrides {name_variable})")
+    parser.add_argument("--lifeline", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
+    return parser
+
+
+def configure(
+    parser: argparse.ArgumentParser, argv: Optional[List[str]]
+) -> Tuple[argparse.Namespace, config.Environment, str]:
+    """Parse ``argv`` and the environment; exits with status 2 and one line on
+    a bad value."""
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING - 10 * args.verbose,
+        format=f"%(asctime)s {parser.prog} %(levelname)s %(message)s",
+    )
+    try:
+        env = config.from_environ()
+        address = (
+            config.check_address(args.address, "--address") if args.address else env.broker_address
+        )
+    except ConfigError as exc:
+        print(f"{parser.prog}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return args, env, address

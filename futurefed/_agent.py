@@ -22,7 +22,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 import zmq
 
-from ._sockets import drain
+from ._sockets import drain, task_socket
 
 from . import protocol as p
 from .errors import BrokenFederation, FederationLost, RemoteProtocolError
@@ -118,10 +118,7 @@ class Agent(threading.Thread):
     def run(self) -> None:
         wake_rx = self.ctx.socket(zmq.PAIR)
         wake_rx.bind(self._wake_address)
-        dealer = self.ctx.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.LINGER, 2000)
-        dealer.setsockopt(zmq.SNDHWM, 0)
-        dealer.setsockopt(zmq.RCVHWM, 0)
+        dealer = task_socket(self.ctx, zmq.DEALER, linger_ms=2000)
         dealer.connect(self.address)
         self._dealer = dealer
         try:

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import zmq
 
-from .._sockets import drain
+from .._sockets import drain, task_socket
 
 from .state import BrokerState
 
@@ -56,12 +56,7 @@ class Broker:
     def bind(self) -> str:
         """Bind the task socket; returns the endpoint actually bound (a port
         of 0 or ``*`` picks a free one)."""
-        self.router = self.ctx.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.LINGER, 1000)
-        # Credit bounds what workers get and origins only receive what they
-        # asked for: a high-water mark would silently drop results instead.
-        self.router.setsockopt(zmq.SNDHWM, 0)
-        self.router.setsockopt(zmq.RCVHWM, 0)
+        self.router = task_socket(self.ctx, zmq.ROUTER, linger_ms=1000)
         address = self.address
         if address.startswith("tcp://") and address.endswith(":0"):
             address = address[:-1] + "*"

@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 import greenlet
 import zmq
 
-from .._sockets import drain
+from .._sockets import drain, task_socket
 
 from .. import protocol as p
 from .. import serialize
@@ -138,10 +138,7 @@ class Worker:
         return 0
 
     def connect(self) -> None:
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 1000)
-        self.sock.setsockopt(zmq.SNDHWM, 0)  # credit bounds what we receive; never drop results
-        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock = task_socket(self.ctx, zmq.DEALER, linger_ms=1000)
         self.sock.connect(self.address)
         if self.lifeline is not None:
             threading.Thread(

@@ -18,13 +18,14 @@ import threading
 import weakref
 from collections import deque
 from concurrent import futures
-from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 import zmq
 
 from ._sockets import drain, task_socket
 
 from . import protocol as p
+from ._future import CANCEL_TIMEOUT, TaskFuture
 from .errors import BrokenFederation, FederationLost, RemoteProtocolError
 from .outcome import initializer_failure, resolve_future
 
@@ -65,7 +66,7 @@ class Agent(threading.Thread):
         self.shared = shared
         self.federation = federation  # closed by the agent when it ends
         self.ctx = context or zmq.Context.instance()
-        self.pending: Dict[int, futures.Future] = {}  # type: ignore[type-arg]
+        self.pending: Dict[int, TaskFuture] = {}
         self._ids = itertools.count(1)
         self._commands: Deque[Tuple[Any, ...]] = deque()
         self._wake_address = f"inproc://futurefed-agent-{os.getpid()}-{next(self._wake_ids)}"
@@ -75,6 +76,10 @@ class Agent(threading.Thread):
         self._wake_tx.setsockopt(zmq.LINGER, 0)
         self._wake_tx.connect(self._wake_address)
         self._stopping = False
+        self._ended = False
+        # Threads in cancel() wait on this for the broker's answer.
+        self._cancel_answered = threading.Condition()
+        self._cancel_waiters = 0
         self._sent_blobs: Set[bytes] = set()
         self._handlers: Dict[p.Command, Callable[[Any], None]] = {
             p.Command.WELCOME: lambda message: None,
@@ -88,18 +93,39 @@ class Agent(threading.Thread):
 
     def submit(
         self, fn: Tuple[bytes, bytes], init: Tuple[bytes, Optional[bytes]], frames: List[Any]
-    ) -> futures.Future:  # type: ignore[type-arg]
+    ) -> TaskFuture:
         """A new future for a task that the agent will send."""
-        future: futures.Future = futures.Future()  # type: ignore[type-arg]
         task_id = next(self._ids)
-        future._futurefed_id = task_id  # type: ignore[attr-defined]
+        future = TaskFuture(task_id, self)
         self._commands.append((_SUBMIT, task_id, future, fn, init, frames))
         self._wake()
         return future
 
-    def cancel(self, task_id: int) -> None:
-        self._commands.append((_CANCEL, task_id))
-        self._wake()
+    def cancel_futures(self, fs: Sequence[TaskFuture]) -> None:
+        """Ask the broker to cancel ``fs`` and wait until it has answered for
+        each (see ``_future.py``); the agent thread itself cannot wait."""
+        ids = [future._futurefed_id for future in fs]
+        if threading.current_thread() is self:
+            self._commands.append((_CANCEL, ids))
+            return
+        with self._cancel_answered:
+            self._cancel_waiters += 1
+        try:
+            self._commands.append((_CANCEL, ids))
+            self._wake()
+            with self._cancel_answered:
+                answered = self._cancel_answered.wait_for(
+                    lambda: self._ended or not any(future.undecided() for future in fs),
+                    CANCEL_TIMEOUT,
+                )
+        finally:
+            with self._cancel_answered:
+                self._cancel_waiters -= 1
+        if not answered:
+            logger.warning(
+                "no answer from the broker at %s to a cancellation within %.0f s;"
+                " the tasks may still run", self.address, CANCEL_TIMEOUT,
+            )
 
     def stop(self) -> None:
         """Finish the pending work, then close (does not wait)."""
@@ -137,6 +163,9 @@ class Agent(threading.Thread):
             with self._wake_lock:
                 self._wake_tx.close()
                 self._wake_tx = None
+            with self._cancel_answered:
+                self._ended = True
+                self._cancel_answered.notify_all()
             wake_rx.close()
             dealer.close()
             if self.federation is not None:
@@ -158,6 +187,9 @@ class Agent(threading.Thread):
             self._take_commands()
             if self._dealer in events:
                 self._drain()
+            if self._cancel_waiters:
+                with self._cancel_answered:
+                    self._cancel_answered.notify_all()
             if self._stopping and not self.pending:
                 return
 
@@ -171,9 +203,6 @@ class Agent(threading.Thread):
             kind = command[0]
             if kind == _SUBMIT:
                 _, task_id, future, fn, init, frames = command
-                if future.cancelled():  # cancelled before it left
-                    _notify_cancelled(future)
-                    continue
                 if self.shared.broken is not None:
                     future.set_exception(self.shared.broken)
                     continue
@@ -184,10 +213,11 @@ class Agent(threading.Thread):
                         blobs[digest] = blob
                 submits.append(p.TaskRecord(task_id, fn[0], init[0], frames))
             elif kind == _CANCEL:
-                future = self.pending.pop(command[1], None)
-                if future is not None:
-                    cancels.append(command[1])
-                    _notify_cancelled(future)
+                pending = self.pending
+                for task_id in command[1]:
+                    future = pending.get(task_id)
+                    if future is not None and future.undecided():
+                        cancels.append(task_id)
             else:
                 self._stopping = True
         if submits:
@@ -213,7 +243,7 @@ class Agent(threading.Thread):
     def _on_started(self, message: p.Started) -> None:
         for task_id in message.ids:
             future = self.pending.get(task_id)
-            if future is not None and not future.done() and not future.running():
+            if future is not None and future.undecided():
                 future.set_running_or_notify_cancel()
 
     def _on_results(self, message: p.Results) -> None:
@@ -238,12 +268,6 @@ class Agent(threading.Thread):
                 future.set_exception(error)
             except futures.InvalidStateError:
                 pass  # cancelled or finished by the user meanwhile
-
-
-def _notify_cancelled(future: futures.Future) -> None:  # type: ignore[type-arg]
-    """Move a cancelled future to CANCELLED_AND_NOTIFIED, as the stdlib
-    executors do when they drop one, so that ``wait()`` counts it done."""
-    future.set_running_or_notify_cancel()
 
 
 def watch_executor(executor: Any, agent: Agent) -> "weakref.ref[Any]":

@@ -18,10 +18,11 @@ What happens when ``submit(fn, *args)`` is called:
    the agent thread, which alone owns the socket; it sends every task queued
    since it last woke in one SUBMIT message.
 3. The broker queues the task and hands it to a worker that has credit. The
-   worker announces a task (STARTED) before it runs it, so a future stays
-   PENDING, and cancellable, while its task waits in a queue. Only tasks of
+   worker announces a task (STARTED) before it runs it. Only tasks of
    functions that recently finished in under 0.2 ms on that worker go
    unannounced: their result arrives about as soon as the notice would.
+   ``cancel()`` asks the broker, which cancels the task if it is still
+   queued and otherwise answers that it is running (``_future.py``).
 4. The result comes back in a RESULTS batch; the agent settles the future.
 
 Inside a worker, ``FederatedExecutor()`` talks through the worker's own
@@ -43,6 +44,7 @@ from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple
 
 from . import config, protocol, serialize
 from ._agent import Agent, BrokenState, watch_executor
+from ._future import cancel_all
 from .outcome import chunk_results
 
 __all__ = ["FederatedExecutor"]
@@ -79,9 +81,6 @@ class _WorkerTransport:
 
     def submit(self, fn: Tuple[bytes, bytes], init: Any, frames: List[Any]) -> futures.Future:  # type: ignore[type-arg]
         return self.worker.submit(fn, init, frames)  # type: ignore[no-any-return]
-
-    def cancel(self, task_id: int) -> None:
-        self.worker.cancel(task_id)
 
     def stop(self) -> None:
         pass  # the worker's connection outlives the executor
@@ -226,7 +225,7 @@ class FederatedExecutor(futures.Executor):
                     else:
                         value = future.result(end_time - time.monotonic())
                 except BaseException:
-                    future.cancel()
+                    fs.append(future)  # cancelled with the rest, below
                     raise
                 if chunked:
                     yield from chunk_results(value)
@@ -234,8 +233,7 @@ class FederatedExecutor(futures.Executor):
                     yield value
                 del future, value
         finally:
-            for future in fs:
-                future.cancel()
+            cancel_all(fs)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work; with ``cancel_futures`` cancel what has not
@@ -245,8 +243,7 @@ class FederatedExecutor(futures.Executor):
             already = self._shutdown
             self._shutdown = True
         if cancel_futures:
-            for future in list(self._pending):
-                future.cancel()
+            cancel_all(list(self._pending))
         if already and not wait:
             return
         transport = self._transport
@@ -282,8 +279,6 @@ class FederatedExecutor(futures.Executor):
 
     def _on_done(self, future: "futures.Future[Any]") -> None:
         self._pending.discard(future)
-        if future.cancelled():
-            self._transport.cancel(future._futurefed_id)  # type: ignore[attr-defined]
 
     def _function(self, fn: Callable[..., Any]) -> Tuple[bytes, bytes]:
         # Plain functions and partials are named by identity, so they are

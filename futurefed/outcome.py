@@ -9,6 +9,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 from . import protocol as p
 from . import serialize
+from ._future import TaskFuture
 from .errors import InitializerFailed, RemoteProtocolError, RemoteTraceback, SerializationError
 
 __all__ = ["ChunkResult", "resolve_future", "run_call", "run_chunk", "chunk_results"]
@@ -61,11 +62,11 @@ def initializer_failure(frames: Sequence[Any]) -> InitializerFailed:
     return broken
 
 
-def resolve_future(future: futures.Future, record: p.ResultRecord) -> None:  # type: ignore[type-arg]
-    """Settle ``future`` from a worker's result record (INIT_FAILED is the
-    caller's business: it breaks the whole executor)."""
+def resolve_future(future: TaskFuture, record: p.ResultRecord) -> None:
+    """Settle ``future`` from a result record (INIT_FAILED is the caller's
+    business: it breaks the whole executor)."""
     if future.done():
-        return  # cancelled meanwhile: the result has nobody to go to
+        return  # only a broken executor settles futures otherwise
     status = record.status
     try:
         if status is p.Status.OK:
@@ -73,8 +74,7 @@ def resolve_future(future: futures.Future, record: p.ResultRecord) -> None:  # t
         elif status is p.Status.ERROR:
             future.set_exception(serialize.load_exception(record.frames))
         elif status is p.Status.CANCELLED:
-            if not future.cancel():
-                future.set_exception(futures.CancelledError())
+            future.confirm_cancel()
         elif status is p.Status.INIT_FAILED:
             future.set_exception(initializer_failure(record.frames))
         else:
@@ -83,4 +83,4 @@ def resolve_future(future: futures.Future, record: p.ResultRecord) -> None:  # t
     except SerializationError as exc:
         future.set_exception(exc)
     except futures.InvalidStateError:
-        pass  # the user cancelled it between our check and now
+        pass  # settled meanwhile by a broken executor

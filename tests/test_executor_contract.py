@@ -670,6 +670,59 @@ def test_cancel_queued_future(executor, rendezvous, tmp_path):
     assert sorted(tags_run) == sorted(f"q{i}" for i in range(9))
 
 
+@pytest.mark.parametrize("round_", range(3))
+def test_cancel_tells_the_truth_under_a_race(executor, tmp_path, round_):
+    """Cancel tasks right at the edge of what the workers are taking:
+    cancel() is True exactly for the futures that end cancelled, and no
+    cancelled task ever runs."""
+    ran = tmp_path / "ran.txt"
+    list(executor.map(abs, range(200)))  # every worker up and taking work
+    fs = [executor.submit(record, str(ran), f"t{i}", i) for i in range(300)]
+    said = {}
+    for i in range(0, len(fs), 3):
+        concurrent.futures.wait([fs[i]], timeout=GUARD)
+        for j in (i + 1, i + 2):
+            said[j] = fs[j].cancel()
+    executor.shutdown(wait=True)
+    tags_run = set(ran_tags(ran))
+    for j, told in said.items():
+        fut = fs[j]
+        assert fut.done()
+        assert told is fut.cancelled(), f"t{j}: cancel() said {told}"
+        if told:
+            assert f"t{j}" not in tags_run, f"cancelled task t{j} ran anyway"
+        else:
+            assert fut.result() == j and f"t{j}" in tags_run
+
+
+def test_cancel_from_a_done_callback(executor, rendezvous, tmp_path):
+    """Cancelling other futures from a done-callback (run by the executor's
+    own thread) neither deadlocks nor lets a cancelled task run."""
+    ran = tmp_path / "ran.txt"
+    first = executor.submit(arrive_and_wait, rendezvous.address, "first", "F")
+    rendezvous.wait(1)
+    rest = [executor.submit(record, str(ran), f"r{i}", i) for i in range(30)]
+    callback_done = threading.Event()
+
+    def cancel_rest(_):
+        for fut in rest:
+            fut.cancel()
+        callback_done.set()
+
+    first.add_done_callback(cancel_rest)
+    rendezvous.release()
+    assert first.result(timeout=GUARD) == "F"
+    assert callback_done.wait(GUARD)
+    executor.shutdown(wait=True)
+    tags_run = set(ran_tags(ran))
+    for i, fut in enumerate(rest):
+        assert fut.done()
+        if fut.cancelled():
+            assert f"r{i}" not in tags_run, f"cancelled task r{i} ran anyway"
+        else:
+            assert fut.result() == i and f"r{i}" in tags_run
+
+
 def test_done_callback_called_once_with_the_future(executor, rendezvous):
     calls = []
     called = threading.Event()

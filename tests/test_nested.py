@@ -8,6 +8,7 @@ import concurrent.futures as cf
 import pytest
 
 from futurefed import FederatedExecutor
+from test_executor_contract import arrive_and_wait
 
 GUARD = 120  # seconds; only reached on a deadlock
 
@@ -55,6 +56,33 @@ def first_completed() -> int:
     return sum(f.result() for f in fs)
 
 
+def record(path: str, tag: str, value: int) -> int:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"{tag}\n")
+    return value
+
+
+def cancel_children(path: str, n: int) -> list:
+    """Submit ``n`` children, cancel each at once; what cancel() said and
+    what each child gave."""
+    executor = FederatedExecutor()
+    children = [executor.submit(record, path, f"c{i}", i) for i in range(n)]
+    said = [child.cancel() for child in children]
+    return [
+        (told, child.cancelled(), None if child.cancelled() else child.result())
+        for told, child in zip(said, children)
+    ]
+
+
+def cancel_behind_a_busy_worker(gate: tuple, path: str) -> tuple:
+    # On a fresh 2-worker federation: this task holds one worker, the
+    # blocker the other, so ``queued`` waits at the broker and can be cancelled.
+    executor = FederatedExecutor()
+    blocker = executor.submit(arrive_and_wait, gate, "blocker", "B")
+    queued = executor.submit(record, path, "queued", 1)
+    return queued.cancel(), queued.cancelled(), blocker.running() or not blocker.done()
+
+
 @pytest.fixture(params=[1, 2], ids=["1-worker", "2-workers"])
 def executor(request):
     with FederatedExecutor(max_workers=request.param) as executor:
@@ -87,3 +115,28 @@ def test_nested_lambdas_and_closures(executor):
         return sum(inner.map(lambda x: x * k, range(5)))
 
     assert list(executor.map(outer, range(4))) == [10 * k for k in range(4)]
+
+
+def test_cancel_inside_a_task(executor, tmp_path):
+    # The task parks while the broker answers each cancel(); what it is
+    # told must be true: a cancelled child never runs, the others do.
+    ran = tmp_path / "ran.txt"
+    outcomes = executor.submit(cancel_children, str(ran), 20).result(timeout=GUARD)
+    executor.shutdown(wait=True)
+    tags_run = set(ran.read_text().split()) if ran.exists() else set()
+    for i, (told, cancelled, value) in enumerate(outcomes):
+        assert told is cancelled
+        if told:
+            assert f"c{i}" not in tags_run
+        else:
+            assert value == i and f"c{i}" in tags_run
+
+
+def test_cancel_inside_a_task_of_a_queued_child(rendezvous, tmp_path):
+    ran = tmp_path / "ran.txt"
+    with FederatedExecutor(max_workers=2) as executor:
+        parent = executor.submit(cancel_behind_a_busy_worker, rendezvous.address, str(ran))
+        assert parent.result(timeout=GUARD) == (True, True, True)
+        rendezvous.wait(1)
+        rendezvous.release()
+    assert not ran.exists(), "the cancelled child ran"

@@ -69,7 +69,7 @@ class QueuedTask:
 
     __slots__ = (
         "origin", "task_id", "fn", "init", "frames",
-        "worker", "bid", "cancelled", "started", "done", "dispatched_at",
+        "worker", "bid", "cancelled", "started", "done", "dispatched_at", "handed_out",
     )
 
     def __init__(self, origin: bytes, record: p.TaskRecord) -> None:
@@ -84,6 +84,7 @@ class QueuedTask:
         self.started = False  # its current worker said STARTED
         self.done = False  # its result went to the origin
         self.dispatched_at = 0.0
+        self.handed_out = False  # ever dispatched: its origin can no longer cancel it
 
 
 class BrokerState:
@@ -192,15 +193,27 @@ class BrokerState:
         inflight = self.peers[ident].inflight
         for bid in message.ids:
             task = inflight.get(bid)
-            if task is not None and not task.cancelled and task.worker == ident and task.bid == bid:
+            if (
+                task is not None and not (task.cancelled or task.done)
+                and task.worker == ident and task.bid == bid
+            ):
                 task.started = True
                 self._started.setdefault(task.origin, []).append(task.task_id)
 
     def _on_cancel(self, ident: bytes, message: p.Cancel) -> None:
+        """Answer for every task we still hold: CANCELLED if no worker has had
+        it, else STARTED (it runs). The others' RESULTS went out already."""
         for task_id in message.ids:
-            task = self.tasks.pop((ident, task_id), None)
-            if task is not None:
-                self._cancel(task)
+            task = self.tasks.get((ident, task_id))
+            if task is None:
+                continue
+            if task.handed_out:
+                self._started.setdefault(ident, []).append(task_id)
+                continue
+            del self.tasks[(ident, task_id)]
+            self._cancel(task)
+            record = p.ResultRecord(task_id, p.Status.CANCELLED, [])
+            self._results.setdefault(ident, []).append(record)
 
     def _on_heartbeat(self, ident: bytes, message: p.Message) -> None:
         pass  # nothing to do: a peer may send it when it has nothing else to say
@@ -349,6 +362,7 @@ class BrokerState:
                 continue
             self.queued -= 1
             task.worker, task.bid, task.dispatched_at = ident, self._next_bid, now
+            task.handed_out = True
             self._next_bid += 1
             worker.inflight[task.bid] = task
             for blob in (task.fn, task.init):

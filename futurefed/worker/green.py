@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import threading
 import time
 from collections import deque
 from concurrent import futures
 from typing import Any, Callable, Deque, List, Optional, Tuple
 
 import greenlet
+
+from .._future import Canceller, TaskFuture
 
 __all__ = ["GreenEvent", "GreenFuture", "Hub", "TaskGreenlet", "current_hub"]
 
@@ -94,6 +97,7 @@ class Hub:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self.glet = greenlet.getcurrent()
+        self.thread = threading.get_ident()
         self.ready: Deque[Tuple[greenlet.greenlet, Any]] = deque()
         self.parked = 0
         self.owner: Any = None  # the Worker this hub schedules for
@@ -117,8 +121,9 @@ class Hub:
         self.ready.append((glet, args))
 
     def in_task(self) -> bool:
-        """True when called from a task greenlet of this hub."""
-        return greenlet.getcurrent() is not self.glet
+        """True when called from a task greenlet of this hub (not from the
+        hub itself, nor from another thread)."""
+        return threading.get_ident() == self.thread and greenlet.getcurrent() is not self.glet
 
     def park(self) -> Any:
         """Switch from the current task back to the hub until woken."""
@@ -207,12 +212,12 @@ class _GreenWaiterList(list):  # type: ignore[type-arg]
         super().append(waiter)
 
 
-class GreenFuture(futures.Future):  # type: ignore[type-arg]
+class GreenFuture(TaskFuture):
     """The future a task gets when it submits work: waiting on it parks the
     task greenlet instead of blocking the worker."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, task_id: int, canceller: Canceller) -> None:
+        super().__init__(task_id, canceller)
         self._waiters = _GreenWaiterList()
 
     def _park_until_done(self, timeout: Optional[float]) -> None:

@@ -25,19 +25,18 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from concurrent import futures
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import greenlet
 import zmq
 
-from .._sockets import drain, task_socket
-
 from .. import protocol as p
 from .. import serialize
+from .._future import CANCEL_TIMEOUT, TaskFuture
+from .._sockets import drain, task_socket
 from ..outcome import resolve_future, run_call
 from ..errors import RemoteProtocolError, SerializationError
-from .green import GreenFuture, Hub
+from .green import GreenFuture, Hub, Waiter
 
 __all__ = ["Worker"]
 
@@ -109,12 +108,13 @@ class Worker:
         self.durations: Dict[bytes, float] = {}  # seconds per task, by function
         self._results: List[p.ResultRecord] = []
         # client side: tasks our tasks submit
-        self.pending: Dict[int, futures.Future] = {}  # type: ignore[type-arg]
+        self.pending: Dict[int, GreenFuture] = {}
         self._ids = itertools.count(1)
         self._sent_blobs: Set[bytes] = set()
         self._submits: List[p.TaskRecord] = []
         self._submit_blobs: Dict[bytes, Any] = {}
         self._cancels: List[int] = []
+        self._cancel_waits: List[Tuple[Sequence[TaskFuture], Waiter]] = []
         self._handlers: Dict[p.Command, Callable[[Any], None]] = {
             p.Command.WELCOME: self._on_welcome,
             p.Command.REFUSE: self._on_refuse,
@@ -177,6 +177,8 @@ class Worker:
                 return
             if self.sock in events:
                 self._drain()
+                if self._cancel_waits:
+                    self._wake_cancellers()
             self.hub.run_timers()
             self._start_tasks()
             self.hub.run_ready()
@@ -222,7 +224,7 @@ class Worker:
     def _on_started(self, message: p.Started) -> None:
         for task_id in message.ids:
             future = self.pending.get(task_id)
-            if future is not None and not future.done() and not future.running():
+            if future is not None and future.undecided():
                 future.set_running_or_notify_cancel()
 
     # -- running tasks ------------------------------------------------------------
@@ -310,9 +312,8 @@ class Worker:
         self, fn: Tuple[bytes, bytes], init: Tuple[bytes, Optional[bytes]], frames: List[Any]
     ) -> GreenFuture:
         """Queue a task submitted by one of our tasks; sent on the next flush."""
-        future = GreenFuture()
         task_id = next(self._ids)
-        future._futurefed_id = task_id  # type: ignore[attr-defined]
+        future = GreenFuture(task_id, self)
         self.pending[task_id] = future
         for digest, blob in (fn, init):
             if blob is not None and digest not in self._sent_blobs:
@@ -321,11 +322,26 @@ class Worker:
         self._submits.append(p.TaskRecord(task_id, fn[0], init[0], frames))
         return future
 
-    def cancel(self, task_id: int) -> None:
-        future = self.pending.pop(task_id, None)
-        if future is not None:
-            self._cancels.append(task_id)
-            future.set_running_or_notify_cancel()  # wait() counts it done now
+    def cancel_futures(self, fs: Sequence[TaskFuture]) -> None:
+        """Ask the broker to cancel ``fs``; a task calling this parks until
+        the broker has answered for each (see ``_future.py``)."""
+        self._cancels.extend(future._futurefed_id for future in fs)
+        if not self.hub.in_task():
+            return  # the hub cannot wait for itself: the answer settles them later
+        waiter = Waiter(self.hub)
+        self._cancel_waits.append((fs, waiter))
+        waiter.wait(CANCEL_TIMEOUT)
+
+    def _wake_cancellers(self) -> None:
+        waits = []
+        for fs, waiter in self._cancel_waits:
+            if waiter.fired:
+                continue  # timed out
+            if any(future.undecided() for future in fs):
+                waits.append((fs, waiter))
+            else:
+                waiter.wake()
+        self._cancel_waits = waits
 
     def current_init(self) -> Tuple[bytes, Optional[bytes]]:
         """The initializer of the task running now, for tasks it submits."""
@@ -345,8 +361,8 @@ class Worker:
             self._send(p.Submit(self._submits, self._submit_blobs))
             self._submits, self._submit_blobs = [], {}
         if self._cancels:
-            self._send(p.Cancel(self._cancels))
-            self._cancels = []
+            cancels, self._cancels = self._cancels, []
+            self._send(p.Cancel(cancels))
         if self._results:
             self._send(p.Results(self._results))
             self._results = []

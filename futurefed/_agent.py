@@ -81,8 +81,10 @@ class Agent(threading.Thread):
         self._cancel_answered = threading.Condition()
         self._cancel_waiters = 0
         self._sent_blobs: Set[bytes] = set()
+        #: Set once the broker answered our HELLO (welcomed or refused us).
+        self.answered = threading.Event()
         self._handlers: Dict[p.Command, Callable[[Any], None]] = {
-            p.Command.WELCOME: lambda message: None,
+            p.Command.WELCOME: lambda message: self.answered.set(),
             p.Command.REFUSE: self._on_refuse,
             p.Command.RESULTS: self._on_results,
             p.Command.STARTED: self._on_started,
@@ -239,6 +241,7 @@ class Agent(threading.Thread):
 
     def _on_refuse(self, message: p.Refuse) -> None:
         self._break(FederationLost(f"the broker at {self.address} refused us: {message.reason}"))
+        self.answered.set()
 
     def _on_started(self, message: p.Started) -> None:
         for task_id in message.ids:

@@ -13,11 +13,17 @@ from .errors import ConfigError
 
 
 _EPILOG = """environment (flags win over these):
-  BROKER_ADDRESS  the broker's task socket, e.g. tcp://10.0.0.5:5555
-                  (default tcp://127.0.0.1:5555)
-  BROKER_NAME     the broker's name (default: broker)
-  WORKER_NAME     a worker's name (default: origin)
-  IS_ORIGIN       1 in the process that runs the user's program (default 1)
+  BROKER_ADDRESS    the broker's task socket, e.g. tcp://10.0.0.5:5555
+                    (default tcp://127.0.0.1:5555)
+  META_ADDRESS      the broker's meta socket, where it publishes its load
+                    (default: BROKER_ADDRESS's port + 1)
+  BROKER_ADDRESSES  peer brokers' task sockets, separated by spaces or commas
+                    (a broker connects to them and shares their load)
+  META_ADDRESSES    the peers' meta sockets, in the same order
+                    (default: each task port + 1)
+  BROKER_NAME       the broker's name (default: broker)
+  WORKER_NAME       a worker's name (default: origin)
+  IS_ORIGIN         1 in the process that runs the user's program (default 1)
 """
 
 

@@ -37,11 +37,18 @@ def check_address(value: str, name: str = "address") -> str:
 
 
 def meta_address_for(task_address: str) -> str:
-    """The default meta address: the task address with its port plus one."""
+    """The default meta address: the task address with its port plus one (a
+    free port if the task port is 0 or ``*``, to be picked at bind time;
+    for ``ipc://PATH``, ``ipc://PATH.meta``)."""
+    if task_address.startswith("ipc://"):
+        return task_address + ".meta"
     match = _TCP.match(task_address)
-    if not match or match.group("port") == "*":
+    if not match:
         raise ConfigError(f"cannot derive a meta address from {task_address!r}")
-    return f"tcp://{match.group('host')}:{int(match.group('port')) + 1}"
+    port = match.group("port")
+    if port in ("0", "*"):
+        return f"tcp://{match.group('host')}:0"
+    return f"tcp://{match.group('host')}:{int(port) + 1}"
 
 
 def _flag(environ: Mapping[str, str], name: str, default: bool) -> bool:

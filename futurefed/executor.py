@@ -45,9 +45,13 @@ from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple
 from . import config, protocol, serialize
 from ._agent import Agent, BrokenState, watch_executor
 from ._future import cancel_all
+from .errors import FederationLost
 from .outcome import chunk_results
 
 __all__ = ["FederatedExecutor"]
+
+#: Seconds a FederatedExecutor joining a broker waits for its answer.
+CONNECT_TIMEOUT = 10.0
 
 _live_agents: "weakref.WeakSet[Agent]" = weakref.WeakSet()
 _exiting = False
@@ -114,6 +118,13 @@ class FederatedExecutor(futures.Executor):
         initargs: arguments of ``initializer``.
         address: a broker's task socket to join instead.
 
+    Raises:
+        ValueError: ``max_workers`` is not positive.
+        ConfigError: ``address`` or the environment's ``BROKER_ADDRESS`` is
+            malformed.
+        FederationLost: joining, no broker answered within 10 s, or the
+            broker refused us.
+
     Functions are pickled once per executor (cloudpickle, so lambdas,
     closures and ``__main__`` functions work); globals they capture by value
     are those of the first submission.
@@ -152,12 +163,13 @@ class FederatedExecutor(futures.Executor):
                 self._init = worker.current_init()
             return _WorkerTransport(worker)
         federation = None
+        source = "address"
         if address is not None:
             address = config.check_address(address, "address")
         else:
             env = config.from_environ()
             if env.configured and env.is_origin:
-                address = env.broker_address
+                address, source = env.broker_address, "BROKER_ADDRESS"
             else:
                 from .local import LocalFederation
 
@@ -167,6 +179,16 @@ class FederatedExecutor(futures.Executor):
         agent.start()
         _live_agents.add(agent)
         self._watch = watch_executor(self, agent)
+        if federation is None:  # joining: fail here, not in every result()
+            if not agent.answered.wait(CONNECT_TIMEOUT):
+                agent.stop()
+                raise FederationLost(
+                    f"no broker answered at {source}={address} within {CONNECT_TIMEOUT:g} s"
+                )
+            broken = self._shared.broken
+            if broken is not None:
+                agent.stop()
+                raise broken
         return agent
 
     # -- the Executor API ----------------------------------------------------------------

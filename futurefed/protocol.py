@@ -36,6 +36,7 @@ __all__ = [
     "Credit",
     "Heartbeat",
     "Hello",
+    "Load",
     "Message",
     "Refuse",
     "ResultRecord",
@@ -90,6 +91,7 @@ class Command(enum.IntEnum):
     HEARTBEAT = 10  # either way: proof of life when there is nothing else to say
     BYE = 11  # peer -> broker: leaving, forget me
     SHUTDOWN = 12  # broker -> worker: exit now
+    LOAD = 13  # broker -> everyone, on the meta socket: my load and my peers
 
 
 class Status(enum.IntEnum):
@@ -173,8 +175,9 @@ class _MetaMessage(Message):
 @_register
 @dataclass(frozen=True)
 class Hello(_MetaMessage):
-    """A peer introduces itself: ``role`` (``origin`` or ``worker``),
-    ``name``, ``host`` and ``pid``."""
+    """A peer introduces itself: ``role`` (``origin``, ``worker`` or
+    ``broker``), ``name``, ``host`` and ``pid``; a broker adds its ``task``
+    and ``meta`` addresses."""
 
     command = Command.HELLO
 
@@ -427,6 +430,15 @@ class Shutdown(Message):
     """The broker is stopping: a worker receiving this exits."""
 
     command = Command.SHUTDOWN
+
+
+@_register
+@dataclass(frozen=True)
+class Load(_MetaMessage):
+    """A broker's load and peers, published on its meta socket (see
+    docs/federation.md for the keys)."""
+
+    command = Command.LOAD
 
 
 def encode(message: Message) -> List[Frame]:

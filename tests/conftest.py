@@ -190,3 +190,16 @@ def make_executor(executor_factory, rendezvous):
 def executor(make_executor):
     """An executor of the current flavour with max_workers=2."""
     return make_executor()
+
+
+@pytest.fixture
+def federation():
+    """Brokers and workers as separate processes (``fedprocs.Federation``),
+    all ended at teardown."""
+    from fedprocs import Federation
+
+    fed = Federation()
+    try:
+        yield fed
+    finally:
+        fed.close()

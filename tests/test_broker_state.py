@@ -51,7 +51,7 @@ class Broker:
     def connect(self, ident, role, **meta):
         self.send(ident, p.Hello({"role": role, "name": ident.decode(), **meta}))
         out = self.pump()
-        assert out == [(ident, p.Welcome({"broker": self.state.name}))]
+        assert out == [(ident, p.Welcome({"broker": self.state.name, "task": self.state.address, "meta": self.state.meta_address}))]
 
     def submit(self, ident, tasks, blobs=None):
         self.send(ident, p.Submit(tasks, dict(blobs or {})))
@@ -106,12 +106,12 @@ def fed(broker):
 @pytest.mark.parametrize("role", ["origin", "worker"])
 def test_hello_is_welcomed(broker, role):
     broker.send(b"peer", p.Hello({"role": role, "name": "n", "host": "h", "pid": 7}))
-    assert broker.pump() == [(b"peer", p.Welcome({"broker": "test-broker"}))]
+    assert broker.pump() == [(b"peer", p.Welcome({"broker": "test-broker", "task": "", "meta": ""}))]
     assert broker.pump() == []
 
 
 @pytest.mark.parametrize(
-    "meta", [{}, {"role": "emperor"}, {"role": "broker"}, {"role": None}, {"role": ["worker"]}, {"role": 1}]
+    "meta", [{}, {"role": "emperor"}, {"role": "link"}, {"role": None}, {"role": ["worker"]}, {"role": 1}]
 )
 def test_unknown_role_is_refused(broker, meta):
     broker.send(b"peer", p.Hello(meta))
@@ -149,7 +149,7 @@ def test_messages_before_hello_are_dropped(broker, message):
     broker.credit(b"w", 10)
     broker.send(b"stranger", message)
     assert broker.pump() == []
-    assert broker.load() == {"queued": 0, "running": 0, "done": 0, "credit": 10, "workers": 1, "hosts": 1}
+    assert broker.load() == {"queued": 0, "running": 0, "lent": 0, "done": 0, "credit": 10, "workers": 1, "hosts": 1}
     # a later HELLO starts from scratch: the early SUBMIT was not kept
     broker.connect(b"stranger", "origin")
     assert broker.pump() == []
@@ -575,7 +575,7 @@ def test_worker_rehello_requeues_its_tasks(fed):
     fed.submit(b"o", [task(1)], BLOBS)
     dispatch(fed, b"w", 1)
     fed.connect(b"w", "worker")
-    assert fed.load() == {"queued": 1, "running": 0, "done": 0, "credit": 0, "workers": 1, "hosts": 1}
+    assert fed.load() == {"queued": 1, "running": 0, "lent": 0, "done": 0, "credit": 0, "workers": 1, "hosts": 1}
     fed.credit(b"w", 1)
     again = only(fed.pump(), b"w", p.Tasks)
     assert again.blobs == {FN: BLOBS[FN]}  # a new session knows no blobs
@@ -689,27 +689,27 @@ def test_drop_all_without_workers(broker):
 
 
 def test_load_numbers(broker):
-    assert broker.load() == {"queued": 0, "running": 0, "done": 0, "credit": 0, "workers": 0, "hosts": 0}
+    assert broker.load() == {"queued": 0, "running": 0, "lent": 0, "done": 0, "credit": 0, "workers": 0, "hosts": 0}
     broker.connect(b"o", "origin", host="h0")
     broker.connect(b"w1", "worker", host="h1")
     broker.connect(b"w2", "worker", host="h1")
     broker.connect(b"w3", "worker", host="h2")
-    assert broker.load() == {"queued": 0, "running": 0, "done": 0, "credit": 0, "workers": 3, "hosts": 2}
+    assert broker.load() == {"queued": 0, "running": 0, "lent": 0, "done": 0, "credit": 0, "workers": 3, "hosts": 2}
     broker.submit(b"o", [task(i) for i in range(10)], BLOBS)
     broker.credit(b"w1", 3)
     broker.credit(b"w2", 1)
     assert broker.load()["queued"] == 10 and broker.load()["credit"] == 4
     tasks = {i: m.tasks for i, m in broker.pump()}
-    assert broker.load() == {"queued": 6, "running": 4, "done": 0, "credit": 0, "workers": 3, "hosts": 2}
+    assert broker.load() == {"queued": 6, "running": 4, "lent": 0, "done": 0, "credit": 0, "workers": 3, "hosts": 2}
     broker.results(b"w1", *(ok(t.task_id) for t in tasks[b"w1"]))
     broker.pump()
-    assert broker.load() == {"queued": 6, "running": 1, "done": 3, "credit": 0, "workers": 3, "hosts": 2}
+    assert broker.load() == {"queued": 6, "running": 1, "lent": 0, "done": 3, "credit": 0, "workers": 3, "hosts": 2}
     broker.credit(b"w3", 10)
     assert broker.load()["credit"] == 10
     broker.pump()
-    assert broker.load() == {"queued": 0, "running": 7, "done": 3, "credit": 4, "workers": 3, "hosts": 2}
+    assert broker.load() == {"queued": 0, "running": 7, "lent": 0, "done": 3, "credit": 4, "workers": 3, "hosts": 2}
     broker.send(b"w3", p.Bye())
-    assert broker.load() == {"queued": 6, "running": 1, "done": 3, "credit": 0, "workers": 2, "hosts": 1}
+    assert broker.load() == {"queued": 6, "running": 1, "lent": 0, "done": 3, "credit": 0, "workers": 2, "hosts": 1}
 
 
 # -- hostile HELLOs (regressions) -------------------------------------------------------
@@ -1494,7 +1494,7 @@ class BrokerMachine(RuleBasedStateMachine):
         ids = data.draw(st.lists(st.sampled_from(foreign), max_size=4)) if foreign else []
         ids.append(max(self.bids, default=0) + 1000)
         if variant == "hello":
-            role = data.draw(st.sampled_from([None, "broker", "", "Worker", 7, ["origin"]]))
+            role = data.draw(st.sampled_from([None, "broker", "link", "", "Worker", 7, ["origin"]]))
             message = p.Hello({} if role is None else {"role": role})
             self.expect[(ident, "refuse")] += 1
         elif variant == "welcome":

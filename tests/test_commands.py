@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 
@@ -87,6 +88,15 @@ def test_origin_joins_the_broker_named_by_the_environment(broker):
         ("fedworker", [], {"BROKER_ADDRESS": "bogus"}, "BROKER_ADDRESS='bogus' is not an address"),
         ("fedbroker", ["--address", "tcp://127.0.0.1:70000"], {}, "port 70000 is out of range"),
         ("fedworker", ["--no-such-flag"], {}, "unrecognized arguments"),
+        ("fedbroker", [], {"BROKER_ADDRESSES": "tcp://127.0.0.1:5555 nonsense"},
+         "BROKER_ADDRESSES='nonsense' is not an address"),
+        ("fedbroker", [], {"BROKER_ADDRESSES": "tcp://127.0.0.1:5555", "META_ADDRESSES": "a b"},
+         "META_ADDRESSES='a' is not an address"),
+        ("fedbroker", [], {"BROKER_ADDRESSES": "tcp://127.0.0.1:5555",
+                           "META_ADDRESSES": "tcp://127.0.0.1:1 tcp://127.0.0.1:2"},
+         "META_ADDRESSES has 2 entries, BROKER_ADDRESSES has 1"),
+        ("fedbroker", ["--meta-address", "tcp://x:y"], {}, "--meta-address='tcp://x:y' is not"),
+        ("fedworker", [], {"IS_ORIGIN": "maybe"}, "IS_ORIGIN='maybe' must be 1 or 0"),
     ],
 )
 def test_bad_configuration_is_one_line_and_status_2(name, args, env, message):
@@ -106,3 +116,58 @@ def test_broker_refuses_an_address_in_use(broker):
     assert result.returncode == 1
     assert f"cannot bind BROKER_ADDRESS={broker}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def closed_port_address() -> str:
+    """A loopback address nobody listens on (bound, then closed)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_broker_refuses_a_meta_address_in_use(broker):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        meta = f"tcp://127.0.0.1:{taken.getsockname()[1]}"
+        result = subprocess.run(
+            command("fedbroker"), capture_output=True, text=True, timeout=GUARD,
+            env=dict(os.environ, BROKER_ADDRESS="tcp://127.0.0.1:0", META_ADDRESS=meta),
+        )
+    assert result.returncode == 1
+    assert f"cannot bind META_ADDRESS={meta}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_worker_gives_up_on_an_unreachable_broker():
+    address = closed_port_address()
+    result = subprocess.run(
+        command("fedworker") + ["--connect-timeout", "0.5"], capture_output=True, text=True,
+        timeout=GUARD, env=dict(os.environ, BROKER_ADDRESS=address, IS_ORIGIN="0"),
+    )
+    assert result.returncode == 1
+    assert f"fedworker: no broker answered at BROKER_ADDRESS={address} within 0.5 s" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_origin_gives_up_on_an_unreachable_broker(monkeypatch):
+    import futurefed.executor
+    from futurefed.errors import FederationLost
+
+    address = closed_port_address()
+    monkeypatch.setattr(futurefed.executor, "CONNECT_TIMEOUT", 0.5)
+    monkeypatch.setenv("BROKER_ADDRESS", address)
+    monkeypatch.setenv("IS_ORIGIN", "1")
+    with pytest.raises(FederationLost, match=f"no broker answered at BROKER_ADDRESS={address}"):
+        FederatedExecutor()
+    with pytest.raises(FederationLost, match=f"no broker answered at address={address}"):
+        FederatedExecutor(address=address)
+
+
+def test_origin_with_a_malformed_broker_address(monkeypatch):
+    from futurefed.errors import ConfigError
+
+    monkeypatch.setenv("BROKER_ADDRESS", "tcp://nowhere")
+    monkeypatch.setenv("IS_ORIGIN", "1")
+    with pytest.raises(ConfigError, match="BROKER_ADDRESS='tcp://nowhere' is not an address"):
+        FederatedExecutor()

@@ -78,6 +78,8 @@ def sample_messages():
         p.Cancel([4, 5]),
         p.Heartbeat(),
         p.Bye(),
+        p.Load({"name": "b", "task": "tcp://127.0.0.1:5555", "seq": 3, "queued": 9,
+                "peers": [{"task": "tcp://127.0.0.1:5557", "meta": "tcp://127.0.0.1:5558"}]}),
         p.Shutdown(),
     ]
 

@@ -1,35 +1,85 @@
 """``fedbroker``: start one broker, configured by the environment (DESIGN.md
-§1.3) or by flags that override it."""
+§1.3) or by flags that override it; ``fedbroker --status`` prints the
+federation instead (see ``futurefed.status``)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
-import zmq
-
+from .. import config
 from .._cli import configure, parser
+from ..errors import ConfigError
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     cli = parser(
         "fedbroker",
-        "Run one futurefed broker: workers and origins connect to its task socket.",
+        "Run one futurefed broker: workers and origins connect to its task socket;"
+        " peer brokers connect to it and share its load.",
         "BROKER_NAME",
         "the task socket to bind; port 0 picks a free one",
     )
+    cli.add_argument(
+        "--meta-address",
+        help="the meta socket to bind (overrides META_ADDRESS; default: task port + 1)",
+    )
+    cli.add_argument(
+        "--peers", nargs="+", metavar="ADDRESS",
+        help="peer brokers' task sockets (overrides BROKER_ADDRESSES)",
+    )
+    cli.add_argument(
+        "--status", nargs="?", const="", metavar="META_ADDRESS",
+        help="print the federation seen from this meta socket and exit"
+        " (default: META_ADDRESS, else BROKER_ADDRESS's port + 1)",
+    )
     cli.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     args, env, address = configure(cli, argv)
-    from .core import Broker
+    if args.status is not None:
+        from ..status import main as status_main
 
-    broker = Broker(address, args.name or env.broker_name, lifeline=args.lifeline, ready_fd=args.ready_fd)
+        return status_main([args.status] if args.status else [])
+    try:
+        meta, peers = _meta_and_peers(args, env, address)
+    except ConfigError as exc:
+        print(f"fedbroker: {exc}", file=sys.stderr)
+        return 2
+    from .core import BindError, Broker
+
+    broker = Broker(
+        address, args.name or env.broker_name, meta_address=meta, peers=peers,
+        lifeline=args.lifeline, ready_fd=args.ready_fd,
+    )
     try:
         broker.bind()
-    except zmq.ZMQError as exc:
-        print(f"fedbroker: cannot bind BROKER_ADDRESS={address}: {exc}", file=sys.stderr)
+    except BindError as exc:
+        print(f"fedbroker: {exc}", file=sys.stderr)
         return 1
     return broker.run()
+
+
+def _meta_and_peers(
+    args: argparse.Namespace, env: config.Environment, address: str
+) -> Tuple[Optional[str], List[Tuple[str, Optional[str]]]]:
+    """The meta address to bind (None: derive it from the task address) and
+    the peers, flags first, then the environment."""
+    if args.meta_address:
+        meta: Optional[str] = config.check_address(args.meta_address, "--meta-address")
+    elif os.environ.get("META_ADDRESS"):
+        meta = env.meta_address
+    elif args.address:
+        meta = None
+    else:
+        meta = env.meta_address
+    if args.peers:
+        peers: List[Tuple[str, Optional[str]]] = [
+            (config.check_address(peer, "--peers"), None) for peer in args.peers
+        ]
+    else:
+        peers = list(zip(env.broker_addresses, env.meta_addresses))
+    return meta, peers
 
 
 if __name__ == "__main__":

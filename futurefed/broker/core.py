@@ -1,9 +1,20 @@
 """The broker process: one poll loop around :class:`BrokerState`.
 
-Each turn polls the ROUTER task socket (and the lifeline, if any), drains up
-to :data:`MAX_DRAIN` messages into the state, then sends what
+Sockets:
+
+* a ROUTER task socket that origins, workers and borrowing peer brokers
+  connect to;
+* a PUB meta socket on which it publishes its LOAD (docs/federation.md)
+  every :data:`META_INTERVAL` and, at most every :data:`META_MIN_INTERVAL`,
+  whenever what peers act on changes;
+* per peer broker, a DEALER *link* to the peer's task socket, through which
+  it borrows work, and one SUB connected to every peer's meta socket.
+
+Each turn polls them all (and the lifeline, if any), drains up to
+:data:`MAX_DRAIN` messages per socket into the state, then sends what
 :meth:`BrokerState.pump` returns. Draining before pumping is what coalesces
-many small messages into few large ones under load.
+many small messages into few large ones under load. Peers that the state
+learns of (from a HELLO or a LOAD) are connected at the end of the turn.
 """
 
 from __future__ import annotations
@@ -12,61 +23,132 @@ import json
 import logging
 import os
 import signal
-from typing import Any, Optional
+import socket
+import time
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import zmq
 
+from .. import protocol as p
 from .._sockets import drain, task_socket
-
+from ..config import meta_address_for
+from ..errors import ConfigError, RemoteProtocolError
 from .state import BrokerState
 
-__all__ = ["Broker"]
+__all__ = ["Broker", "BindError"]
 
 logger = logging.getLogger(__name__)
 
 MAX_DRAIN = 512
 POLL_SECONDS = 1.0
+META_INTERVAL = 0.25
+META_MIN_INTERVAL = 0.002
 
 
 class _Stop(Exception):
     """Raised by the SIGTERM handler to leave the poll loop."""
 
 
+class BindError(Exception):
+    """A socket could not be bound; ``variable`` names the setting at fault."""
+
+    def __init__(self, variable: str, address: str, error: zmq.ZMQError) -> None:
+        super().__init__(f"cannot bind {variable}={address}: {error}")
+        self.variable = variable
+
+
+def _advertised(endpoint: str) -> str:
+    """The address peers should connect to for a bound ``endpoint``: a
+    wildcard host (``0.0.0.0``, ``*``, ``[::]``) becomes this host's name."""
+    host_port = endpoint[len("tcp://"):] if endpoint.startswith("tcp://") else None
+    if host_port is None:
+        return endpoint
+    host, _, port = host_port.rpartition(":")
+    if host in ("0.0.0.0", "*", "[::]", "[::0]"):
+        return f"tcp://{socket.getfqdn()}:{port}"
+    return endpoint
+
+
+def _bind_any_port(sock: Any, address: str) -> str:
+    """Bind ``address`` (port 0 or ``*`` picks a free one); the endpoint bound."""
+    if address.startswith("tcp://") and address.endswith(":0"):
+        address = address[:-1] + "*"
+    sock.bind(address)
+    return str(sock.getsockopt(zmq.LAST_ENDPOINT).decode())
+
+
 class Broker:
-    """Binds ``address`` and serves until the lifeline closes or SIGTERM."""
+    """Binds its sockets and serves until the lifeline closes or SIGTERM.
+
+    Args:
+        address: the task socket to bind (``BROKER_ADDRESS``).
+        name: the broker's name (``BROKER_NAME``).
+        meta_address: the meta socket to bind (``META_ADDRESS``); by default
+            the task port plus one, or any free port if the task port is 0.
+        peers: ``(task, meta)`` addresses of peer brokers to connect to
+            (``BROKER_ADDRESSES``/``META_ADDRESSES``); meta may be None for
+            the task port plus one.
+    """
 
     def __init__(
         self,
         address: str,
         name: str = "broker",
         *,
+        meta_address: Optional[str] = None,
+        peers: Sequence[Tuple[str, Optional[str]]] = (),
         lifeline: Optional[int] = None,
         ready_fd: Optional[int] = None,
         context: Optional[zmq.Context] = None,  # type: ignore[type-arg]
     ) -> None:
         self.address = address
+        self.meta_bind = meta_address
         self.name = name
+        self.peers = list(peers)
         self.lifeline = lifeline
         self.ready_fd = ready_fd
         self.ctx = context or zmq.Context.instance()
-        self.state = BrokerState(name)
+        self.state = BrokerState(name, identity={"host": socket.gethostname(), "pid": os.getpid()})
         self.router: Any = None
+        self.publisher: Any = None
+        self.subscriber: Any = None
+        self.links: Dict[bytes, Any] = {}  # state ident -> DEALER to a peer
+        self.subscribed: Set[str] = set()  # meta sockets our SUB connects to
         self.endpoint = ""
+        self.meta_endpoint = ""
+        self._published_key: Any = None
+        self._published_at = 0.0
 
     def bind(self) -> str:
-        """Bind the task socket; returns the endpoint actually bound (a port
-        of 0 or ``*`` picks a free one)."""
+        """Bind the task and meta sockets; returns the task endpoint bound.
+
+        Raises:
+            BindError: naming BROKER_ADDRESS or META_ADDRESS.
+        """
         self.router = task_socket(self.ctx, zmq.ROUTER, linger_ms=1000)
-        address = self.address
-        if address.startswith("tcp://") and address.endswith(":0"):
-            address = address[:-1] + "*"
-        self.router.bind(address)
-        self.endpoint = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        try:
+            self.endpoint = _bind_any_port(self.router, self.address)
+        except zmq.ZMQError as exc:
+            self.close()
+            raise BindError("BROKER_ADDRESS", self.address, exc) from None
+        meta = self.meta_bind
+        if meta is None:
+            meta = meta_address_for(self.address)
+        self.publisher = self.ctx.socket(zmq.PUB)
+        self.publisher.setsockopt(zmq.LINGER, 0)
+        try:
+            self.meta_endpoint = _bind_any_port(self.publisher, meta)
+        except zmq.ZMQError as exc:
+            self.close()
+            raise BindError("META_ADDRESS", meta, exc) from None
+        self.state.address = _advertised(self.endpoint)
+        self.state.meta_address = _advertised(self.meta_endpoint)
         if self.ready_fd is not None:
-            os.write(self.ready_fd, json.dumps({"task": self.endpoint}).encode() + b"\n")
+            ready = {"task": self.endpoint, "meta": self.meta_endpoint}
+            os.write(self.ready_fd, json.dumps(ready).encode() + b"\n")
             os.close(self.ready_fd)
             self.ready_fd = None
-        logger.info("broker %s bound %s", self.name, self.endpoint)
+        logger.info("broker %s bound %s (meta %s)", self.name, self.endpoint, self.meta_endpoint)
         return self.endpoint
 
     def run(self) -> int:
@@ -87,34 +169,122 @@ class Broker:
             self.close()
         return 0
 
+    # -- peers ---------------------------------------------------------------------------
+
+    def _connect_peers(self, poller: zmq.Poller, found: Iterable[Tuple[str, Optional[str]]]) -> None:
+        for task, meta in found:
+            try:
+                meta = meta or meta_address_for(task)
+            except ConfigError:
+                meta = None  # not a tcp:// or ipc:// peer: no load, so no borrowing
+            ident = b"link:" + task.encode()
+            if ident in self.links:
+                self._subscribe(meta)  # the peer named its real meta socket
+                continue
+            dealer = task_socket(self.ctx, zmq.DEALER, linger_ms=0)
+            try:
+                dealer.connect(task)
+                self._subscribe(meta)
+            except zmq.ZMQError as exc:
+                dealer.close()
+                logger.warning("broker %s: cannot connect to peer %s: %s", self.name, task, exc)
+                continue
+            self.links[ident] = dealer
+            poller.register(dealer, zmq.POLLIN)
+            self.state.add_link(ident, task, meta)
+            logger.info("broker %s: linked to peer %s (meta %s)", self.name, task, meta)
+
+    def _subscribe(self, meta: Optional[str]) -> None:
+        if meta is not None and meta not in self.subscribed:
+            self.subscriber.connect(meta)
+            self.subscribed.add(meta)
+
+    def _take_load(self) -> None:
+        for frames in drain(self.subscriber, MAX_DRAIN):
+            try:
+                message = p.decode(frames)
+                if not isinstance(message, p.Load):
+                    raise RemoteProtocolError(f"{message.command.name} on a meta socket")
+                self.state.on_load(message.meta)
+            except RemoteProtocolError as exc:
+                logger.warning("broker %s dropped a meta message: %s", self.name, exc)
+
+    def _publish(self, now: float) -> Optional[float]:
+        """Publish LOAD if due; seconds until the next one may be due."""
+        key = self.state.load_key()
+        since = now - self._published_at
+        if since >= META_INTERVAL or (key != self._published_key and since >= META_MIN_INTERVAL):
+            self.publisher.send_multipart(p.encode(p.Load(self.state.meta())))
+            self._published_key, self._published_at = key, now
+            return META_INTERVAL
+        if key != self._published_key:
+            return META_MIN_INTERVAL - since
+        return META_INTERVAL - since
+
+    # -- the loop ------------------------------------------------------------------------
+
     def serve(self) -> None:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
+        self.subscriber = self.ctx.socket(zmq.SUB)
+        self.subscriber.setsockopt(zmq.LINGER, 0)
+        self.subscriber.setsockopt(zmq.SUBSCRIBE, b"")
+        poller.register(self.subscriber, zmq.POLLIN)
         if self.lifeline is not None:
             poller.register(self.lifeline, zmq.POLLIN)
-        router, state = self.router, self.state
+        router, state, links = self.router, self.state, self.links
+        for task, meta in self.peers:
+            state.learn(task, meta)
+        self._connect_peers(poller, state.take_new_brokers())
+        timeout: Optional[float] = 0.0
         while True:
-            check = state.next_check()
-            timeout = POLL_SECONDS if check is None else min(POLL_SECONDS, check)
-            events = dict(poller.poll(timeout * 1000))
+            events = dict(poller.poll(None if timeout is None else timeout * 1000))
             if self.lifeline is not None and self.lifeline in events:
                 logger.info("broker %s: lifeline closed", self.name)
                 return
             for frames in drain(router, MAX_DRAIN):
-                try:
-                    state.receive(frames[0].bytes, frames[1:])
-                except Exception:  # a bug must not take the broker down with it
-                    logger.exception("broker %s: error handling a message", self.name)
+                self._receive(frames[0].bytes, frames[1:])
+            for ident, dealer in list(links.items()):
+                if dealer in events:
+                    for frames in drain(dealer, MAX_DRAIN):
+                        self._receive(ident, frames)
+            if self.subscriber in events:
+                self._take_load()
             for ident, frames in state.pump():
-                router.send_multipart([ident, *frames], copy=False)
+                link = links.get(ident)
+                if link is not None:
+                    link.send_multipart(frames, copy=False)
+                else:
+                    router.send_multipart([ident, *frames], copy=False)
+            found = state.take_new_brokers()
+            if found:
+                self._connect_peers(poller, found)
+            timeout = min(POLL_SECONDS, self._publish(time.monotonic()))
+            check = state.next_check()
+            if check is not None:
+                timeout = min(timeout, check)
+
+    def _receive(self, ident: bytes, frames: List[Any]) -> None:
+        try:
+            self.state.receive(ident, frames)
+        except Exception:  # a bug must not take the broker down with it
+            logger.exception("broker %s: error handling a message", self.name)
 
     def close(self) -> None:
-        if self.router is None:
-            return
-        for ident, frames in self.state.drop_all():
-            try:
-                self.router.send_multipart([ident, *frames], zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass  # the worker is gone already; its lifeline ends it anyway
-        self.router.close()
-        self.router = None
+        if self.router is not None:
+            for ident, frames in self.state.drop_all():
+                link = self.links.get(ident)
+                try:
+                    if link is not None:
+                        link.send_multipart(frames, zmq.NOBLOCK)
+                    else:
+                        self.router.send_multipart([ident, *frames], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass  # the peer is gone already (a worker's lifeline ends it anyway)
+            self.router.close()
+            self.router = None
+        for sock in [self.publisher, self.subscriber, *self.links.values()]:
+            if sock is not None:
+                sock.close(linger=200)  # time for a BYE to leave
+        self.publisher = self.subscriber = None
+        self.links.clear()

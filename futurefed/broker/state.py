@@ -12,6 +12,14 @@ zero-copy frame stays zero-copy and nothing is ever unpickled here.
 
 Task ids are hop-local: an origin numbers its own tasks, the broker gives every
 dispatched task a fresh id of its own and maps the worker's answer back.
+
+Peer brokers (docs/federation.md) take part with two roles. A broker that
+connected to our task socket is a *borrower* (role ``broker``): like a
+worker it sends CREDIT and gets TASKS, but its credit is a one-shot request
+that we always answer, if need be with an empty TASKS. Our own DEALER to a
+peer is a *link* (role ``link``): through it we ask for work when our
+workers idle and the peer's published load shows queued tasks, and the work
+we get arrives as if an origin had submitted it there.
 """
 
 from __future__ import annotations
@@ -32,18 +40,34 @@ Outgoing = Tuple[bytes, List[Any]]
 
 ORIGIN = "origin"
 WORKER = "worker"
-ROLES = (ORIGIN, WORKER)
+BROKER = "broker"  # a peer broker that borrows work from us
+LINK = "link"  # our connection to a peer broker we borrow from
+ROLES = (ORIGIN, WORKER, BROKER)  # what a HELLO may claim
 
 #: A task that has waited this long in a worker's queue without starting is
 #: taken back (CANCEL, then requeued) when another worker has nothing to do.
 REVOKE_AFTER = 0.05
+#: A request for work that a peer has not answered within this long is
+#: forgotten, so that we may ask again (the peer may be gone).
+BORROW_TIMEOUT = 1.0
+#: At most this many peers (and hosts) are read from or put in a LOAD message.
+MAX_PEERS = 256
+
+
+def _count(value: Any) -> int:
+    """A non-negative count from a peer's JSON, 0 if it is not one."""
+    return value if isinstance(value, int) and value > 0 else 0
 
 
 class Peer:
     """A connected origin or worker (a worker is also an origin when its
     tasks submit tasks)."""
 
-    __slots__ = ("ident", "role", "name", "host", "pid", "credit", "known", "inflight", "cancels")
+    __slots__ = (
+        "ident", "role", "name", "host", "pid", "credit", "known", "inflight", "cancels",
+        "task_address", "meta_address", "answer_due",
+        "asked", "asked_at", "asked_seq", "got_nothing", "load", "load_seq",
+    )
 
     def __init__(self, ident: bytes, meta: Dict[str, Any]) -> None:
         self.ident = ident
@@ -56,9 +80,28 @@ class Peer:
         self.known: Set[bytes] = set()  # function blobs this worker already has
         self.inflight: Dict[int, "QueuedTask"] = {}  # broker id -> task at this worker
         self.cancels: List[int] = []  # broker ids to cancel at this worker
+        # a peer broker's addresses, as it advertises them
+        self.task_address = _address(meta.get("task"))
+        self.meta_address = _address(meta.get("meta"))
+        # borrower: it asked for work this turn and must get an answer
+        self.answer_due = False
+        # link: our open request for work, and the peer's last published load
+        self.asked = 0
+        self.asked_at = 0.0
+        self.asked_seq = -1  # the load message our last request was based on
+        self.got_nothing = False  # our last request was answered with no task
+        self.load: Dict[str, Any] = {}
+        self.load_seq = -1
 
     def __repr__(self) -> str:
         return f"<{self.role} {self.name} on {self.host} pid {self.pid}>"
+
+
+def _address(value: Any) -> Optional[str]:
+    """A peer's advertised address, if it looks like one."""
+    if isinstance(value, str) and 0 < len(value) <= 300 and "://" in value:
+        return value
+    return None
 
 
 class QueuedTask:
@@ -90,9 +133,24 @@ class QueuedTask:
 class BrokerState:
     """Queue, credits and routing tables of one broker."""
 
-    def __init__(self, name: str = "broker", clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        name: str = "broker",
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        address: str = "",
+        meta_address: str = "",
+        identity: Optional[Dict[str, Any]] = None,
+    ) -> None:
         self.name = name
         self.clock = clock
+        self.address = address  # our task socket, as peers should connect to it
+        self.meta_address = meta_address
+        self.identity = dict(identity or {})  # host and pid, for our HELLOs to peers
+        self.brokers: Dict[str, Optional[str]] = {}  # every peer we know: task -> meta address
+        self.links: Dict[str, Peer] = {}  # our links, by each address the peer goes by
+        self._to_connect: List[Tuple[str, Optional[str]]] = []
+        self.seq = 0  # counts our LOAD messages: a liveness counter for peers
         self.peers: Dict[bytes, Peer] = {}
         self.queue: Deque[QueuedTask] = deque()
         self.queued = 0  # live (not cancelled) tasks in ``queue``
@@ -114,6 +172,15 @@ class BrokerState:
             p.Command.HEARTBEAT: self._on_heartbeat,
             p.Command.BYE: self._on_bye,
         }
+        # messages that come to us through a link, from the peer we borrow from
+        self._link_handlers: Dict[p.Command, Callable[[bytes, Any], None]] = {
+            p.Command.WELCOME: self._on_link_welcome,
+            p.Command.REFUSE: self._on_link_refuse,
+            p.Command.TASKS: self._on_link_tasks,
+            p.Command.CANCEL: self._on_cancel,
+            p.Command.HEARTBEAT: self._on_heartbeat,
+            p.Command.SHUTDOWN: self._on_heartbeat,  # a peer's end is not ours
+        }
 
     # -- input ---------------------------------------------------------------
 
@@ -122,10 +189,14 @@ class BrokerState:
         dropped, never raised."""
         try:
             message = p.decode(frames)
-            handler = self._handlers.get(message.command)
+            peer = self.peers.get(ident)
+            if peer is not None and peer.role == LINK:
+                handler = self._link_handlers.get(message.command)
+            else:
+                handler = self._handlers.get(message.command)
             if handler is None:
                 raise RemoteProtocolError(f"{message.command.name} is not for a broker")
-            if message.command is not p.Command.HELLO and ident not in self.peers:
+            if message.command is not p.Command.HELLO and peer is None:
                 raise RemoteProtocolError(f"{message.command.name} before HELLO")
             handler(ident, message)
         except RemoteProtocolError as exc:
@@ -141,13 +212,21 @@ class BrokerState:
             shown = repr(role)[:80]
             self._send(ident, p.Refuse(f"unknown role {shown}"))
             raise RemoteProtocolError(f"HELLO with unknown role {shown}")
+        peer = Peer(ident, message.meta)
+        if role == BROKER:
+            if peer.task_address is None or peer.task_address == self.address:
+                self._send(ident, p.Refuse("a broker must name its own task address"))
+                raise RemoteProtocolError(f"HELLO from broker {peer.name} with a bad task address")
+            self.learn(peer.task_address, peer.meta_address)
         if ident in self.peers:
             self._drop_peer(ident)
-        peer = self.peers[ident] = Peer(ident, message.meta)
+        self.peers[ident] = peer
         logger.info("%s joined", peer)
-        self._send(ident, p.Welcome({"broker": self.name}))
+        self._send(ident, p.Welcome({"broker": self.name, "task": self.address, "meta": self.meta_address}))
 
     def _on_submit(self, ident: bytes, message: p.Submit) -> None:
+        if self.peers[ident].role == BROKER:
+            raise RemoteProtocolError("SUBMIT from a peer broker")
         self.blobs.update(message.blobs)
         for record in message.tasks:
             key = (ident, record.task_id)
@@ -165,6 +244,12 @@ class BrokerState:
 
     def _on_credit(self, ident: bytes, message: p.Credit) -> None:
         peer = self.peers[ident]
+        if peer.role == BROKER:  # a request for work, answered in the next pump
+            peer.credit = message.count
+            peer.answer_due = True
+            if peer.credit > 0:
+                self.ready[ident] = peer
+            return
         if peer.role != WORKER:
             raise RemoteProtocolError("CREDIT from a non-worker")
         peer.credit += message.count
@@ -215,6 +300,98 @@ class BrokerState:
             record = p.ResultRecord(task_id, p.Status.CANCELLED, [])
             self._results.setdefault(ident, []).append(record)
 
+    # -- peer brokers ----------------------------------------------------------
+
+    def learn(self, task: Optional[str], meta: Optional[str]) -> None:
+        """Note a peer broker; one we had not heard of is to be connected."""
+        if task is None or task == self.address or task in self.brokers:
+            return
+        self.brokers[task] = meta
+        self._to_connect.append((task, meta))
+
+    def take_new_brokers(self) -> List[Tuple[str, Optional[str]]]:
+        """Peers learned since the last call: (task, meta) addresses to connect."""
+        found, self._to_connect = self._to_connect, []
+        return found
+
+    def add_link(self, ident: bytes, task: str, meta: Optional[str]) -> None:
+        """Our DEALER ``ident`` now connects to the peer at ``task``: say HELLO."""
+        link = Peer(ident, {"role": LINK, "name": task, "task": task, "meta": meta})
+        self.peers[ident] = link
+        self.links[task] = link
+        self.brokers.setdefault(task, meta)
+        self._send(ident, p.Hello({
+            **self.identity, "role": BROKER, "name": self.name,
+            "task": self.address, "meta": self.meta_address,
+        }))
+
+    def _on_link_welcome(self, ident: bytes, message: p.Welcome) -> None:
+        link = self.peers[ident]
+        link.name = str(message.meta.get("broker", link.name))[:200]
+        advertised = _address(message.meta.get("task"))
+        if advertised is not None and advertised not in self.links:
+            # the peer calls itself otherwise than we called it: know both
+            self.links[advertised] = link
+            self.brokers.setdefault(advertised, link.meta_address)
+        meta = _address(message.meta.get("meta"))
+        if meta is not None and meta != link.meta_address:
+            # we guessed its meta socket wrong: subscribe to the one it names
+            link.meta_address = meta
+            self._to_connect.append((link.task_address or link.name, meta))
+
+    def _on_link_refuse(self, ident: bytes, message: p.Refuse) -> None:
+        logger.warning("peer broker at %s refused us: %s", self.peers[ident].task_address, message.reason)
+
+    def _on_link_tasks(self, ident: bytes, message: p.Tasks) -> None:
+        """Work we asked for: queued as if submitted here by the link."""
+        link = self.peers[ident]
+        link.asked = 0
+        link.got_nothing = not message.tasks
+        self._on_submit(ident, message)
+
+    def on_load(self, meta: Dict[str, Any]) -> None:
+        """A LOAD message from a peer's meta socket."""
+        task = _address(meta.get("task"))
+        if task is None or task == self.address:
+            return
+        self.learn(task, _address(meta.get("meta")))
+        peers = meta.get("peers")
+        if isinstance(peers, list):
+            for entry in peers[:MAX_PEERS]:
+                if isinstance(entry, dict):
+                    self.learn(_address(entry.get("task")), _address(entry.get("meta")))
+        link = self.links.get(task)
+        seq = meta.get("seq")
+        if link is not None and isinstance(seq, int):
+            link.load = meta
+            link.load_seq = seq
+
+    def _borrow(self) -> None:
+        """Ask peers with queued work for as many tasks as our workers can
+        take now and have no queued task for (see docs/federation.md)."""
+        links = [peer for peer in self.peers.values() if peer.role == LINK]
+        if not links:
+            return
+        now = self.clock()
+        for link in links:
+            if link.asked and now - link.asked_at > BORROW_TIMEOUT:
+                link.asked = 0
+        idle = sum(w.credit for w in self.ready.values() if w.role == WORKER)
+        idle -= self.queued + sum(link.asked for link in links)
+        if idle <= 0:
+            return
+        offers = [
+            (_count(link.load.get("queued")), link) for link in links
+            if not link.asked and (link.load_seq != link.asked_seq or not link.got_nothing)
+        ]
+        for queued, link in sorted(offers, key=lambda offer: -offer[0]):
+            if queued <= 0 or idle <= 0:
+                break
+            count = min(idle, queued)
+            self._send(link.ident, p.Credit(count))
+            link.asked, link.asked_at, link.asked_seq = count, now, link.load_seq
+            idle -= count
+
     def _on_heartbeat(self, ident: bytes, message: p.Message) -> None:
         pass  # nothing to do: a peer may send it when it has nothing else to say
 
@@ -256,12 +433,15 @@ class BrokerState:
         """
         if self.queued or not self.ready:
             return
-        budget = sum(worker.credit for worker in self.ready.values() if not worker.inflight)
+        budget = sum(
+            worker.credit for worker in self.ready.values()
+            if worker.role == WORKER and not worker.inflight
+        )
         if not budget:
             return
         deadline = self.clock() - REVOKE_AFTER
         for ident, worker in self.peers.items():
-            if len(worker.inflight) < 2:
+            if worker.role != WORKER or len(worker.inflight) < 2:
                 continue
             for bid, task in worker.inflight.items():
                 if (
@@ -276,12 +456,18 @@ class BrokerState:
                     return
 
     def next_check(self) -> Optional[float]:
-        """Seconds until :meth:`pump` may have something to revoke, or None."""
-        if self.queued or not any(not w.inflight for w in self.ready.values()):
-            return None
-        if not any(len(peer.inflight) > 1 for peer in self.peers.values()):
-            return None
-        return REVOKE_AFTER
+        """Seconds until :meth:`pump` may have something to do unprompted: a
+        task to revoke, or an unanswered request for work to forget."""
+        checks = []
+        if any(link.asked for link in self.peers.values() if link.role == LINK):
+            checks.append(BORROW_TIMEOUT)
+        if (
+            not self.queued
+            and any(w.role == WORKER and not w.inflight for w in self.ready.values())
+            and any(w.role == WORKER and len(w.inflight) > 1 for w in self.peers.values())
+        ):
+            checks.append(REVOKE_AFTER)
+        return min(checks) if checks else None
 
     def _reject(self, task: QueuedTask, reason: str) -> None:
         record = p.ResultRecord(task.task_id, p.Status.REJECTED, [reason.encode()])
@@ -294,6 +480,9 @@ class BrokerState:
         if peer is None:
             return
         logger.info("%s left", peer)
+        if peer.role == LINK:
+            for address in [a for a, link in self.links.items() if link is peer]:
+                del self.links[address]
         self.ready.pop(ident, None)
         self._results.pop(ident, None)
         self._started.pop(ident, None)
@@ -305,10 +494,13 @@ class BrokerState:
             self._cancel(self.tasks.pop(key))
 
     def drop_all(self) -> List[Outgoing]:
-        """Shutting down: tell every worker to exit."""
+        """Shutting down: tell every worker to exit and every peer we
+        borrowed from that we leave (it requeues what it lent us)."""
         for ident, peer in self.peers.items():
             if peer.role == WORKER:
                 self._send(ident, p.Shutdown())
+            elif peer.role == LINK:
+                self._send(ident, p.Bye())
         out, self._out = self._out, []
         return out
 
@@ -321,7 +513,14 @@ class BrokerState:
         """Dispatch what can be dispatched; return every message to send."""
         self._revoke_stranded()
         self._dispatch()
+        self._borrow()
         for ident, peer in self.peers.items():
+            if peer.role == BROKER and (peer.answer_due or peer.credit):
+                if peer.answer_due:  # we had nothing for it: say so
+                    self._send(ident, p.Tasks([], {}))
+                    peer.answer_due = False
+                peer.credit = 0  # a request is answered once
+                self.ready.pop(ident, None)
             if peer.cancels:
                 self._send(ident, p.Cancel(peer.cancels))
                 peer.cancels = []
@@ -336,17 +535,22 @@ class BrokerState:
 
     def _dispatch(self) -> None:
         """Spread the queue over workers with credit, each taking at most an
-        even share per pass; served workers go to the back of the line."""
+        even share per pass; served workers go to the back of the line.
+        Borrowing brokers get what our own workers leave."""
         ready = self.ready
-        while self.queued and ready:
-            share = -(-self.queued // len(ready))  # ceil
-            for ident, worker in list(ready.items()):
-                if not self.queued:
+        for role in (WORKER, BROKER):
+            while self.queued:
+                takers = [(ident, peer) for ident, peer in ready.items() if peer.role == role]
+                if not takers:
                     break
-                del ready[ident]
-                self._send_batch(ident, worker, min(worker.credit, share))
-                if worker.credit > 0:
-                    ready[ident] = worker
+                share = -(-self.queued // len(takers))  # ceil
+                for ident, peer in takers:
+                    if not self.queued:
+                        break
+                    del ready[ident]
+                    self._send_batch(ident, peer, min(peer.credit, share))
+                    if peer.credit > 0:
+                        ready[ident] = peer
         queue = self.queue
         while queue and (queue[0].cancelled or queue[0].done):
             queue.popleft()
@@ -372,6 +576,7 @@ class BrokerState:
             batch.append(p.TaskRecord(task.bid, task.fn, task.init, task.frames))
         worker.credit -= len(batch)
         if batch:
+            worker.answer_due = False
             self._send(ident, p.Tasks(batch, blobs))
 
     # -- reporting -----------------------------------------------------------
@@ -382,8 +587,37 @@ class BrokerState:
         return {
             "queued": self.queued,
             "running": sum(len(w.inflight) for w in workers),
+            "lent": sum(len(b.inflight) for b in self.peers.values() if b.role == BROKER),
             "done": self.done,
             "credit": sum(w.credit for w in workers),
             "workers": len(workers),
             "hosts": len({w.host for w in workers}),
+        }
+
+    def load_key(self) -> Tuple[int, int, int, int]:
+        """What peers act on: a LOAD is due when this changes."""
+        credit = sum(w.credit for w in self.ready.values() if w.role == WORKER)
+        workers = sum(1 for peer in self.peers.values() if peer.role == WORKER)
+        return (self.queued, credit, workers, len(self.brokers))
+
+    def meta(self) -> Dict[str, Any]:
+        """The next LOAD message's body (docs/federation.md)."""
+        self.seq += 1
+        workers = [peer for peer in self.peers.values() if peer.role == WORKER]
+        hosts: Dict[str, int] = {}
+        for worker in workers:
+            hosts[worker.host] = hosts.get(worker.host, 0) + 1
+        load = self.load()
+        return {
+            "name": self.name,
+            "task": self.address,
+            "meta": self.meta_address,
+            "seq": self.seq,
+            **load,
+            "idle": max(0, load["credit"] - self.queued),
+            "hosts": dict(sorted(hosts.items())[:MAX_PEERS]),
+            "peers": [
+                {"task": task, "meta": meta}
+                for task, meta in list(self.brokers.items())[:MAX_PEERS]
+            ],
         }

@@ -8,6 +8,9 @@ from typing import List, Optional
 
 from .._cli import configure, parser
 
+#: Seconds a worker waits for its broker's WELCOME before it gives up.
+CONNECT_TIMEOUT = 10.0
+
 
 def main(argv: Optional[List[str]] = None) -> int:
     cli = parser(
@@ -16,10 +19,26 @@ def main(argv: Optional[List[str]] = None) -> int:
         "WORKER_NAME",
         "the broker's task socket to connect to",
     )
+    cli.add_argument(
+        "--connect-timeout", type=float, default=CONNECT_TIMEOUT, metavar="SECONDS",
+        help=f"give up if no broker answers within this long (default {CONNECT_TIMEOUT:g})",
+    )
     args, env, address = configure(cli, argv)
     from .loop import Worker
 
-    return Worker(address, args.name or env.worker_name, lifeline=args.lifeline).run()
+    worker = Worker(
+        address, args.name or env.worker_name,
+        lifeline=args.lifeline, connect_timeout=args.connect_timeout,
+    )
+    status = worker.run()
+    if not worker.welcomed and not worker.stopping:
+        source = "--address" if args.address else "BROKER_ADDRESS"
+        print(
+            f"fedworker: no broker answered at {source}={address}"
+            f" within {args.connect_timeout:g} s",
+            file=sys.stderr,
+        )
+    return status
 
 
 if __name__ == "__main__":

@@ -85,12 +85,15 @@ class Worker:
         *,
         lifeline: Optional[int] = None,
         heartbeat: float = 1.0,
+        connect_timeout: Optional[float] = None,
         context: Optional[zmq.Context] = None,  # type: ignore[type-arg]
     ) -> None:
         self.address = address
         self.name = name
         self.lifeline = lifeline
         self.heartbeat = heartbeat
+        self.connect_timeout = connect_timeout
+        self.welcomed = False
         self.ctx = context or zmq.Context.instance()
         self.hub = Hub()
         self.hub.owner = self
@@ -129,13 +132,14 @@ class Worker:
     # -- phases: connect, serve, close ----------------------------------------
 
     def run(self) -> int:
-        """Serve until stopped; the process exit status."""
+        """Serve until stopped; the process exit status (1 if no broker
+        answered within ``connect_timeout`` or the broker refused us)."""
         self.connect()
         try:
             self.serve()
         finally:
             self.close()
-        return 0
+        return 0 if self.welcomed else 1
 
     def connect(self) -> None:
         self.sock = task_socket(self.ctx, zmq.DEALER, linger_ms=1000)
@@ -166,11 +170,23 @@ class Worker:
         poller.register(self.sock, zmq.POLLIN)
         if self.lifeline is not None:
             poller.register(self.lifeline, zmq.POLLIN)
+        deadline = None
+        if self.connect_timeout is not None:
+            deadline = time.monotonic() + self.connect_timeout
         while not self.stopping:
             self._flush()
             timeout = 0.0 if self.queue else self.hub.next_timeout()
             if timeout is None or timeout > self.heartbeat:
                 timeout = self.heartbeat
+            if deadline is not None and not self.welcomed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    logger.error(
+                        "worker %s: no broker answered at %s within %g s",
+                        self.name, self.address, self.connect_timeout,
+                    )
+                    return
+                timeout = min(timeout, left)
             events = dict(poller.poll(timeout * 1000))
             if self.lifeline is not None and self.lifeline in events:
                 logger.info("worker %s: lifeline closed, exiting", self.name)
@@ -195,6 +211,7 @@ class Worker:
                 return
 
     def _on_welcome(self, message: p.Welcome) -> None:
+        self.welcomed = True
         logger.debug("worker %s joined broker %s", self.name, message.meta.get("broker"))
 
     def _on_refuse(self, message: p.Refuse) -> None:

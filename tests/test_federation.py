@@ -1,0 +1,128 @@
+"""Several brokers sharing load (docs/federation.md), each broker and worker
+a separate process started by environment variables, as a user would."""
+
+from __future__ import annotations
+
+import collections
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from futurefed import FederatedExecutor
+
+from fedprocs import GUARD
+
+
+def worker_name(_: object = None) -> str:
+    return os.environ["WORKER_NAME"]
+
+
+def spin_work(iterations: int) -> str:
+    """A fixed amount of CPU work (not a fixed time, which would hide a
+    worker that shares its core with another)."""
+    total = 0
+    for i in range(iterations):
+        total += i * i
+    return os.environ["WORKER_NAME"]
+
+
+def nested_sum(n: int) -> tuple:
+    """A task that fans out to children and waits for them: wherever they run."""
+    executor = FederatedExecutor()
+    children = list(executor.map(worker_name, range(n)))
+    return os.environ["WORKER_NAME"], children
+
+
+def test_work_of_an_origin_without_workers_runs_on_peers(federation):
+    a = federation.broker("A")
+    for name in "BC":
+        broker = federation.broker(name, peers=[a])
+        for i in range(2):
+            federation.worker(f"{name}.w{i}", broker)
+    with FederatedExecutor(address=a.task) as executor:
+        names = list(executor.map(worker_name, range(2000)))
+    counts = collections.Counter(names)
+    assert sum(counts.values()) == 2000
+    assert {name[0] for name in counts} == {"B", "C"}, counts
+
+
+def test_nested_tasks_across_brokers(federation):
+    a = federation.broker("A")
+    b = federation.broker("B", peers=[a])
+    federation.worker("B.w0", b)
+    federation.worker("B.w1", b)
+    with FederatedExecutor(address=a.task) as executor:
+        results = list(executor.map(nested_sum, [20] * 6))
+    assert len(results) == 6
+    for parent, children in results:
+        assert parent.startswith("B.") and len(children) == 20
+        assert set(children) <= {"B.w0", "B.w1"}
+
+
+def test_peer_learned_through_another_peers_meta_is_connected(federation):
+    # C knows only B; B knows A. C must learn A from B's LOAD and link to A
+    # itself: A's work then runs on C's worker although B has no worker.
+    a = federation.broker("A")
+    b = federation.broker("B", peers=[a])
+    c = federation.broker("C", peers=[b])
+    federation.worker("C.w0", c)
+    with FederatedExecutor(address=a.task) as executor:
+        names = set(executor.map(worker_name, range(200)))
+    assert names == {"C.w0"}
+    c.process.wait_for(rf"linked to peer {a.task}")
+
+
+def test_broker_and_workers_joining_mid_run_get_work(federation):
+    a = federation.broker("A")
+    with FederatedExecutor(address=a.task) as executor:
+        fs = [executor.submit(worker_name) for _ in range(100)]
+        assert not any(f.done() for f in fs)  # nobody to run them yet
+        b = federation.broker("B", peers=[a])
+        federation.worker("B.w0", b)
+        assert {f.result(timeout=GUARD) for f in fs} == {"B.w0"}
+        # a worker joining the origin's own broker gets work too
+        federation.worker("A.w0", a)
+        names = collections.Counter(executor.map(spin_work, [200_000] * 60))
+        assert set(names) == {"A.w0", "B.w0"}, names
+
+
+def test_cpu_bound_map_keeps_every_worker_busy(federation):
+    a = federation.broker("A")
+    b = federation.broker("B", peers=[a])
+    c = federation.broker("C", peers=[a, b])
+    for broker in (a, b, c):
+        federation.worker(f"{broker.name}.w0", broker)
+    with FederatedExecutor(address=a.task) as executor:
+        list(executor.map(spin_work, [1000] * 30))  # every worker connected and warm
+        names = collections.Counter(executor.map(spin_work, [300_000] * 60))
+    assert set(names) == {"A.w0", "B.w0", "C.w0"}, names
+
+
+ORIGIN_PROGRAM = """\
+import os
+from futurefed import FederatedExecutor
+
+def where(_):
+    return os.environ["WORKER_NAME"]
+
+with FederatedExecutor() as executor:
+    print(" ".join(sorted(set(executor.map(where, range(300))))))
+"""
+
+
+def test_origin_program_joins_by_environment_alone(federation, tmp_path):
+    a = federation.broker("A")
+    b = federation.broker("B", peers=[a])
+    federation.worker("B.w0", b)
+    federation.worker("B.w1", b)
+    program = tmp_path / "prog.py"
+    program.write_text(ORIGIN_PROGRAM)
+    result = subprocess.run(
+        [sys.executable, str(program)], capture_output=True, text=True, timeout=GUARD,
+        env=dict(os.environ, IS_ORIGIN="1", BROKER_ADDRESS=a.task),
+    )
+    assert result.returncode == 0, result.stderr + federation.log()
+    assert result.stdout.split() == ["B.w0", "B.w1"]

@@ -1,0 +1,204 @@
+"""Lending and borrowing between brokers (docs/federation.md), sans I/O: two
+or more BrokerStates whose outputs the test carries between them."""
+
+from __future__ import annotations
+
+import pytest
+
+from futurefed import protocol as p
+from futurefed.broker.state import BORROW_TIMEOUT, BrokerState
+
+from test_broker_state import BLOBS, FN, Broker, ok, only, task, to
+
+A_TASK, A_META = "tcp://a:1", "tcp://a:2"
+B_TASK, B_META = "tcp://b:1", "tcp://b:2"
+LINK = b"link:" + A_TASK.encode()  # B's link to A
+B_AT_A = b"B-at-A"  # B's link as A's ROUTER sees it
+
+
+def make(name, task, meta):
+    broker = Broker(name)
+    broker.state.address, broker.state.meta_address = task, meta
+    return broker
+
+
+@pytest.fixture
+def pair():
+    """Lender A (origin ``o``, no worker) and borrower B (worker ``w``), with
+    B's link to A established both ways."""
+    a, b = make("A", A_TASK, A_META), make("B", B_TASK, B_META)
+    a.connect(b"o", "origin")
+    b.connect(b"w", "worker", host="hb")
+    b.state.add_link(LINK, A_TASK, A_META)
+    carry(b, a, [p.Hello])
+    carry(a, b, [p.Welcome])
+    return a, b
+
+
+def carry(src, dst, expect=None):
+    """Pump ``src`` and deliver what it sends over the link (B -> A arrives
+    from ``B_AT_A``, A -> B through ``LINK``); return the messages carried.
+    Anything else ``src`` sends would be lost here, so there must be none."""
+    carried = []
+    for ident, frames in src.state.pump():
+        if src.state.address == B_TASK and ident == LINK:
+            dst.state.receive(B_AT_A, frames)
+        elif src.state.address == A_TASK and ident == B_AT_A:
+            dst.state.receive(LINK, frames)
+        else:
+            raise AssertionError(f"{src.state.name} also sent {p.decode(frames)} to {ident!r}")
+        carried.append(p.decode(frames))
+    if expect is not None:
+        assert [type(m) for m in carried] == expect, carried
+    return carried
+
+
+def publish(src, dst):
+    """``src``'s next LOAD, as ``dst``'s SUB receives it."""
+    meta = src.state.meta()
+    dst.state.on_load(p.decode(p.encode(p.Load(meta))).meta)
+    return meta
+
+
+def test_link_says_hello_as_a_broker_and_learns_the_peer(pair):
+    a, b = pair
+    assert a.state.peers[B_AT_A].role == "broker"
+    assert a.state.brokers == {B_TASK: B_META}  # A will connect back to B
+    assert a.state.take_new_brokers() == [(B_TASK, B_META)]
+    assert b.state.peers[LINK].name == "A"
+
+
+def test_idle_borrower_asks_for_what_its_workers_can_take(pair):
+    a, b = pair
+    a.submit(b"o", [task(i) for i in range(1, 11)], BLOBS)
+    assert a.pump() == []  # no worker at A: all 10 stay queued
+    b.credit(b"w", 3)
+    assert b.pump() == []  # nothing known about A's load yet
+    publish(a, b)
+    (request,) = carry(b, a, [p.Credit])
+    assert request.count == 3  # min(idle credit, A's queue)
+    (tasks,) = carry(a, b, [p.Tasks])
+    assert [t.frames[0] for t in tasks.tasks] == [b"call-1", b"call-2", b"call-3"]
+    assert a.load()["lent"] == 3 and a.load()["queued"] == 7
+    # B queued them as if submitted by the link, and hands them to its worker
+    out = b.pump()
+    given = only(out, b"w", p.Tasks).tasks
+    assert len(given) == 3 and set(given[0].frames[0:1]) == {b"call-1"}
+    # results flow back through B to A's origin, under the origin's ids
+    b.results(b"w", *[ok(t.task_id, t.frames[0]) for t in given])
+    (results,) = carry(b, a, [p.Results])
+    assert sorted(bytes(r.frames[0]) for r in results.results) == [b"call-1", b"call-2", b"call-3"]
+    out = a.pump()
+    assert sorted(r.task_id for r in only(out, b"o", p.Results).results) == [1, 2, 3]
+    assert a.load()["lent"] == 0 and a.load()["done"] == 3
+
+
+def test_a_request_is_answered_once_even_with_nothing(pair):
+    a, b = pair
+    b.credit(b"w", 2)
+    a.submit(b"o", [task(1)], BLOBS)
+    publish(a, b)
+    a.send(b"o", p.Cancel([1]))  # A's queue empties before B's request lands
+    assert only(a.pump(), b"o", p.Results).results[0].status is p.Status.CANCELLED
+    carry(b, a, [p.Credit])
+    (answer,) = carry(a, b, [p.Tasks])
+    assert answer.tasks == []
+    assert b.state.peers[LINK].asked == 0
+    # the answer was empty: no new request on the same (stale) load
+    assert carry(b, a) == []
+    # a request lapses with the answer: A keeps no standing credit for B
+    a.submit(b"o", [task(2)], BLOBS)
+    assert a.pump() == []
+    assert a.load()["queued"] == 1
+    # fresh load: B asks again and gets it
+    publish(a, b)
+    carry(b, a, [p.Credit])
+    (tasks,) = carry(a, b, [p.Tasks])
+    assert [t.frames[0] for t in tasks.tasks] == [b"call-2"]
+
+
+def test_one_request_at_a_time_and_lapsed_requests(pair):
+    a, b = pair
+    a.submit(b"o", [task(i) for i in range(1, 6)], BLOBS)
+    b.credit(b"w", 2)
+    publish(a, b)
+    carry(b, a, [p.Credit])
+    publish(a, b)
+    b.credit(b"w", 1)
+    assert b.pump() == []  # still waiting for the answer
+    b.tick(BORROW_TIMEOUT * 2)  # the answer never came (A is gone?)
+    (request,) = carry(b, a, [p.Credit])
+    assert request.count == 3
+
+
+def test_local_workers_come_before_borrowers(pair):
+    a, b = pair
+    a.connect(b"wa", "worker")
+    a.submit(b"o", [task(i) for i in range(1, 5)], BLOBS)
+    a.send(B_AT_A, p.Credit(4))
+    a.credit(b"wa", 3)
+    out = a.pump()
+    assert len(only(out, b"wa", p.Tasks).tasks) == 3
+    assert len(only(out, B_AT_A, p.Tasks).tasks) == 1
+
+
+def test_borrower_leaving_returns_its_tasks(pair):
+    a, b = pair
+    a.submit(b"o", [task(1), task(2)], BLOBS)
+    a.send(B_AT_A, p.Credit(2))
+    assert len(only(a.pump(), B_AT_A, p.Tasks).tasks) == 2
+    a.send(B_AT_A, p.Bye())
+    assert a.load()["queued"] == 2 and a.load()["lent"] == 0
+
+
+def test_cancel_through_a_link_is_answered_there(pair):
+    a, b = pair
+    a.submit(b"o", [task(1), task(2)], BLOBS)
+    a.send(B_AT_A, p.Credit(2))
+    (tasks,) = [m for i, m in a.pump() if i == B_AT_A]
+    b.state.receive(LINK, p.encode(tasks))  # B has no worker credit: both wait at B
+    a.send(b"o", p.Bye())  # the origin leaves: A cancels what it lent
+    carry(a, b, [p.Cancel])
+    (answer,) = carry(b, a, [p.Results])
+    assert {r.status for r in answer.results} == {p.Status.CANCELLED}
+    assert b.load()["queued"] == 0
+
+
+def test_meta_messages_reveal_new_peers():
+    a = make("A", A_TASK, A_META)
+    c = make("C", "tcp://c:1", "tcp://c:2")
+    c.state.learn(B_TASK, B_META)
+    c.state.take_new_brokers()
+    meta = c.state.meta()
+    assert meta["peers"] == [{"task": B_TASK, "meta": B_META}]
+    a.state.on_load(meta)
+    assert sorted(a.state.take_new_brokers()) == [(B_TASK, B_META), ("tcp://c:1", "tcp://c:2")]
+    a.state.on_load(meta)
+    assert a.state.take_new_brokers() == []  # each learned once
+    a.state.on_load({**meta, "peers": [{"task": A_TASK, "meta": A_META}]})
+    assert a.state.take_new_brokers() == []  # never ourselves
+
+
+@pytest.mark.parametrize("meta", [
+    {"task": 7}, {"task": "x" * 400}, {"peers": "nope"}, {"peers": [1, None, {"task": []}]},
+    {"task": B_TASK, "seq": "high", "queued": "lots"},
+])
+def test_malformed_load_is_harmless(meta):
+    a = make("A", A_TASK, A_META)
+    a.state.on_load(meta)
+    assert all(task.startswith("tcp://") for task, _ in a.state.take_new_brokers())
+
+
+def test_broker_hello_naming_ourselves_is_refused():
+    a = make("A", A_TASK, A_META)
+    a.send(b"me", p.Hello({"role": "broker", "name": "A", "task": A_TASK, "meta": A_META}))
+    assert isinstance(only(a.pump(), b"me"), p.Refuse)
+    assert b"me" not in a.state.peers
+
+
+def test_a_broker_may_not_submit():
+    a = make("A", A_TASK, A_META)
+    a.send(b"peer", p.Hello({"role": "broker", "name": "B", "task": B_TASK, "meta": B_META}))
+    a.pump()
+    a.submit(b"peer", [task(1)], BLOBS)
+    assert a.load()["queued"] == 0

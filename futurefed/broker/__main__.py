@@ -35,6 +35,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         help="print the federation seen from this meta socket and exit"
         " (default: META_ADDRESS, else BROKER_ADDRESS's port + 1)",
     )
+    cli.add_argument(
+        "--advertise", metavar="HOST",
+        help="the host name or address peers should use to reach this broker"
+        " (default: as bound; a wildcard bind such as tcp://*:5555 advertises this host's FQDN)",
+    )
     cli.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     args, env, address = configure(cli, argv)
     if args.status is not None:
@@ -50,7 +55,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     broker = Broker(
         address, args.name or env.broker_name, meta_address=meta, peers=peers,
-        lifeline=args.lifeline, ready_fd=args.ready_fd,
+        advertise=args.advertise, lifeline=args.lifeline, ready_fd=args.ready_fd,
     )
     try:
         broker.bind()

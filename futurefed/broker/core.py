@@ -57,16 +57,17 @@ class BindError(Exception):
         self.variable = variable
 
 
-def _advertised(endpoint: str) -> str:
-    """The address peers should connect to for a bound ``endpoint``: a
-    wildcard host (``0.0.0.0``, ``*``, ``[::]``) becomes this host's name."""
+def _advertised(endpoint: str, host: Optional[str] = None) -> str:
+    """The address peers should connect to for a bound ``endpoint``: ``host``
+    if given, else a wildcard host (``0.0.0.0``, ``*``, ``[::]``) becomes
+    this host's fully qualified name."""
     host_port = endpoint[len("tcp://"):] if endpoint.startswith("tcp://") else None
     if host_port is None:
         return endpoint
-    host, _, port = host_port.rpartition(":")
-    if host in ("0.0.0.0", "*", "[::]", "[::0]"):
-        return f"tcp://{socket.getfqdn()}:{port}"
-    return endpoint
+    bound, _, port = host_port.rpartition(":")
+    if host is None and bound in ("0.0.0.0", "*", "[::]", "[::0]"):
+        host = socket.getfqdn()
+    return endpoint if host is None else f"tcp://{host}:{port}"
 
 
 def _bind_any_port(sock: Any, address: str) -> str:
@@ -88,6 +89,8 @@ class Broker:
         peers: ``(task, meta)`` addresses of peer brokers to connect to
             (``BROKER_ADDRESSES``/``META_ADDRESSES``); meta may be None for
             the task port plus one.
+        advertise: the host name or address peers should use for this
+            broker's sockets (default: as bound; a wildcard becomes the FQDN).
     """
 
     def __init__(
@@ -97,6 +100,7 @@ class Broker:
         *,
         meta_address: Optional[str] = None,
         peers: Sequence[Tuple[str, Optional[str]]] = (),
+        advertise: Optional[str] = None,
         lifeline: Optional[int] = None,
         ready_fd: Optional[int] = None,
         context: Optional[zmq.Context] = None,  # type: ignore[type-arg]
@@ -105,6 +109,7 @@ class Broker:
         self.meta_bind = meta_address
         self.name = name
         self.peers = list(peers)
+        self.advertise = advertise
         self.lifeline = lifeline
         self.ready_fd = ready_fd
         self.ctx = context or zmq.Context.instance()
@@ -141,10 +146,13 @@ class Broker:
         except zmq.ZMQError as exc:
             self.close()
             raise BindError("META_ADDRESS", meta, exc) from None
-        self.state.address = _advertised(self.endpoint)
-        self.state.meta_address = _advertised(self.meta_endpoint)
+        self.state.address = _advertised(self.endpoint, self.advertise)
+        self.state.meta_address = _advertised(self.meta_endpoint, self.advertise)
         if self.ready_fd is not None:
-            ready = {"task": self.endpoint, "meta": self.meta_endpoint}
+            ready = {
+                "task": self.endpoint, "meta": self.meta_endpoint,
+                "advertised": self.state.address, "advertised_meta": self.state.meta_address,
+            }
             os.write(self.ready_fd, json.dumps(ready).encode() + b"\n")
             os.close(self.ready_fd)
             self.ready_fd = None

@@ -31,7 +31,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         lifeline=args.lifeline, connect_timeout=args.connect_timeout,
     )
     status = worker.run()
-    if not worker.welcomed and not worker.stopping:
+    if worker.gave_up:
         source = "--address" if args.address else "BROKER_ADDRESS"
         print(
             f"fedworker: no broker answered at {source}={address}"

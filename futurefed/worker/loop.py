@@ -94,6 +94,7 @@ class Worker:
         self.heartbeat = heartbeat
         self.connect_timeout = connect_timeout
         self.welcomed = False
+        self.gave_up = False  # no broker answered within connect_timeout
         self.ctx = context or zmq.Context.instance()
         self.hub = Hub()
         self.hub.owner = self
@@ -181,6 +182,7 @@ class Worker:
             if deadline is not None and not self.welcomed:
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    self.gave_up = True
                     logger.error(
                         "worker %s: no broker answered at %s within %g s",
                         self.name, self.address, self.connect_timeout,

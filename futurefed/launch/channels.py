@@ -1,0 +1,156 @@
+"""Ways to start a host agent and talk to it: a local subprocess, ``srun``,
+or (in ``ssh.py``) an ssh connection. Each is a :class:`Channel`: lines to
+the agent's stdin, lines from its stdout, its stderr kept for diagnostics.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import IO, Deque, Dict, List, Optional
+
+AGENT_MODULE = "futurefed.launch.hostagent"
+
+
+class LaunchError(Exception):
+    """A host could not be used; the message is one line naming the host."""
+
+
+@dataclass
+class AgentCommand:
+    """What runs on a host: ``python -m futurefed.launch.hostagent`` in a
+    working directory, with extra environment, after an optional prolog."""
+
+    python: str = sys.executable
+    workdir: Optional[str] = None
+    env: Dict[str, str] = field(default_factory=dict)
+    prolog: Optional[str] = None
+
+    def argv(self) -> List[str]:
+        return [self.python, "-m", AGENT_MODULE]
+
+    def shell(self) -> str:
+        """One POSIX shell command line (for ssh, where the environment of
+        the connection cannot be set reliably: sshd drops most of it)."""
+        parts = []
+        if self.workdir:
+            parts.append(f"cd {shlex.quote(self.workdir)}")
+        if self.prolog:
+            parts.append(f". {shlex.quote(self.prolog)}")
+        assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env.items())
+        command = " ".join(shlex.quote(arg) for arg in self.argv())
+        parts.append(f"exec env {assignments} {command}" if assignments else f"exec {command}")
+        return " && ".join(parts)
+
+
+class Channel:
+    """One host agent. Subclasses start it and provide the three streams."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label  # the host as the user named it
+        self.advertise: Optional[str] = None  # the address peers use for its broker
+        self.stderr_tail: Deque[str] = deque(maxlen=20)
+        self._stdin: Optional[IO[str]] = None
+        self._send_lock = threading.Lock()
+
+    def open(self, command: AgentCommand) -> None:
+        raise NotImplementedError
+
+    def stdout(self) -> IO[str]:
+        raise NotImplementedError
+
+    def send(self, line: str) -> bool:
+        """Write one line to the agent; False if it cannot be reached."""
+        with self._send_lock:
+            if self._stdin is None:
+                return False
+            try:
+                self._stdin.write(line + "\n")
+                self._stdin.flush()
+                return True
+            except (OSError, ValueError, EOFError):
+                return False
+
+    def close_input(self) -> None:
+        """EOF on the agent's stdin: it ends its processes and exits."""
+        with self._send_lock:
+            if self._stdin is not None:
+                try:
+                    self._stdin.close()
+                except OSError:
+                    pass  # already gone
+                self._stdin = None
+
+    def wait(self, timeout: float) -> Optional[int]:
+        """The agent's exit status, or None if it is still running."""
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        """Last resort when the agent will not exit."""
+
+    def close(self) -> None:
+        """Release what the channel holds (after :meth:`wait`)."""
+
+    def _keep_stderr(self, stream: IO[str]) -> None:
+        for line in stream:
+            self.stderr_tail.append(line.rstrip())
+
+
+class LocalChannel(Channel):
+    """The agent as a child process of fedrun (no hosts, or ``srun``)."""
+
+    def __init__(self, label: str, prefix: Optional[List[str]] = None) -> None:
+        super().__init__(label)
+        self.prefix = prefix or []  # e.g. srun and its options
+        self.process: Optional["subprocess.Popen[str]"] = None
+
+    def open(self, command: AgentCommand) -> None:
+        env = {**os.environ, **command.env}
+        argv = self.prefix + command.argv()
+        if command.prolog:
+            argv = ["/bin/sh", "-c", f'. "$0" && exec "$@"', command.prolog, *argv]
+        try:
+            self.process = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                text=True, encoding="utf-8", errors="replace", env=env, cwd=command.workdir,
+                bufsize=1, start_new_session=True,
+            )
+        except OSError as exc:
+            raise LaunchError(f"{self.label}: cannot start {argv[0]}: {exc.strerror}") from None
+        self._stdin = self.process.stdin
+        threading.Thread(target=self._keep_stderr, args=(self.process.stderr,), daemon=True).start()
+
+    def stdout(self) -> IO[str]:
+        assert self.process is not None and self.process.stdout is not None
+        return self.process.stdout
+
+    def wait(self, timeout: float) -> Optional[int]:
+        if self.process is None:
+            return None
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def close(self) -> None:
+        if self.process is not None:
+            for stream in (self.process.stdout, self.process.stderr):
+                if stream is not None:
+                    stream.close()
+
+
+def srun_channel(host: str, extra: Optional[List[str]] = None) -> LocalChannel:
+    """The agent on ``host`` of the current SLURM allocation, through srun."""
+    prefix = ["srun", "--nodes=1", "--ntasks=1", f"--nodelist={host}", "--kill-on-bad-exit=1",
+              *(extra or [])]
+    return LocalChannel(host, prefix)

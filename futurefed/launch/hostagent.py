@@ -1,0 +1,301 @@
+"""The host agent: what ``fedrun`` starts on every host, locally, over ssh or
+through ``srun``, as ``python -m futurefed.launch.hostagent``.
+
+It starts that host's broker and workers, relays their output, and ends them
+all when fedrun says so, when its stdin closes (the ssh connection dropped)
+or when fedrun falls silent for :data:`SILENCE_TIMEOUT`. The children hold
+the read end of a lifeline pipe whose write end only the agent has, so they
+also end if the agent is killed outright.
+
+It speaks a line protocol on stdin and stdout (docs/fedrun.md)::
+
+    agent -> fedrun   @ready {"host", "cores", "python", "version", "pid"}
+                      @broker {"task", "meta"}     the broker's advertised addresses
+                      @spawn NAME PID              a broker or worker process started
+                      @joined {"workers"}          how many workers joined the broker
+                      @o NAME TEXT / @e NAME TEXT  a line of a child's stdout / stderr
+                      @exit NAME STATUS            a child ended
+                      @error MESSAGE               could not start; the agent exits 1
+                      @beat                        every HEARTBEAT seconds
+    fedrun -> agent   @start {...}                 what to start (see :func:`_start`)
+                      @beat                        every HEARTBEAT seconds
+                      @stop                        end everything and exit
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import IO, Any, Dict, List, Optional
+
+HEARTBEAT = 1.0
+#: With no line from fedrun for this long, the agent ends everything.
+SILENCE_TIMEOUT = 6.0
+#: How long the children may take to exit once their lifeline closed.
+STOP_TIMEOUT = 5.0
+#: How long the broker may take to bind.
+BROKER_TIMEOUT = 30.0
+#: How long the workers may take to join the broker.
+JOIN_TIMEOUT = 60.0
+
+
+class _Out:
+    """Whole lines to fedrun, from any thread."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+        self.lock = threading.Lock()
+
+    def send(self, tag: str, payload: str = "") -> None:
+        line = f"@{tag} {payload}" if payload else f"@{tag}"
+        with self.lock:
+            try:
+                self.stream.write(line + "\n")
+                self.stream.flush()
+            except (BrokenPipeError, ValueError):
+                pass  # fedrun is gone: the silence timeout ends us
+
+    def json(self, tag: str, value: Dict[str, Any]) -> None:
+        self.send(tag, json.dumps(value, separators=(",", ":")))
+
+
+class HostAgent:
+    """Starts and watches one host's broker and workers."""
+
+    def __init__(self, out: _Out) -> None:
+        self.out = out
+        self.children: List[subprocess.Popen] = []  # type: ignore[type-arg]
+        self.readers: List[threading.Thread] = []
+        self.last_error: Dict[str, str] = {}  # each child's last stderr line
+        self.lifeline_r, self.lifeline_w = os.pipe()
+        self.stopping = threading.Event()
+
+    # -- children ------------------------------------------------------------------------
+
+    def _spawn(self, name: str, argv: List[str], env: Dict[str, str], nice: int = 0,
+               pass_fds: tuple = ()) -> "subprocess.Popen[bytes]":
+        def lower_priority() -> None:
+            if nice:
+                os.nice(nice)
+
+        process = subprocess.Popen(
+            argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, pass_fds=(self.lifeline_r, *pass_fds),
+            preexec_fn=lower_priority if nice else None,
+        )
+        self.children.append(process)
+        self.out.send("spawn", f"{name} {process.pid}")
+        readers = []
+        for tag, stream in (("o", process.stdout), ("e", process.stderr)):
+            reader = threading.Thread(target=self._relay, args=(name, tag, stream), daemon=True)
+            reader.start()
+            readers.append(reader)
+        self.readers += readers
+        threading.Thread(target=self._watch, args=(name, process, readers), daemon=True).start()
+        return process
+
+    def _relay(self, name: str, tag: str, stream: IO[bytes]) -> None:
+        for raw in stream:
+            text = raw.decode("utf-8", errors="replace").rstrip()
+            if tag == "e" and text:
+                self.last_error[name] = text
+            self.out.send(tag, f"{name} {text}")
+
+    def _watch(self, name: str, process: "subprocess.Popen[bytes]", readers: List[threading.Thread]) -> None:
+        status = process.wait()
+        for reader in readers:  # its last lines go first
+            reader.join(STOP_TIMEOUT)
+        self.out.send("exit", f"{name} {status}")
+
+    # -- starting --------------------------------------------------------------------------
+
+    def start(self, spec: Dict[str, Any]) -> None:
+        """Start the broker, then the workers, as ``spec`` says::
+
+            {"name": "node1", "bind": "tcp://*:0", "advertise": "10.0.0.1" | null,
+             "peers": [[task, meta], ...], "workers": 4, "env": {...}, "nice": 0}
+        """
+        python = sys.executable
+        name = str(spec["name"])
+        base_env = {**os.environ, **{str(k): str(v) for k, v in spec.get("env", {}).items()}}
+        base_env["PYTHONUNBUFFERED"] = "1"
+        peers = spec.get("peers") or []
+        ready_r, ready_w = os.pipe()
+        broker_env = {
+            **base_env,
+            "BROKER_NAME": name,
+            "BROKER_ADDRESS": spec["bind"],
+            "META_ADDRESS": _meta_bind(spec["bind"]),
+            "BROKER_ADDRESSES": " ".join(task for task, _ in peers),
+            "META_ADDRESSES": " ".join(meta for _, meta in peers),
+        }
+        argv = [python, "-m", "futurefed.broker", "--lifeline", str(self.lifeline_r),
+                "--ready-fd", str(ready_w)]
+        if spec.get("advertise"):
+            argv += ["--advertise", str(spec["advertise"])]
+        broker_name = f"{name}.broker"
+        broker = self._spawn(broker_name, argv, broker_env, pass_fds=(ready_w,))
+        os.close(ready_w)
+        ready = _read_ready(ready_r)
+        os.close(ready_r)
+        if ready is None:
+            status = broker.wait()
+            for reader in self.readers:
+                reader.join(STOP_TIMEOUT)
+            why = self.last_error.get(broker_name, f"exit status {status}")
+            raise _StartError(f"the broker did not start: {why}")
+        self.out.json("broker", {"task": ready["advertised"], "meta": ready["advertised_meta"]})
+        port = ready["task"].rsplit(":", 1)[1]
+        count = int(spec.get("workers", 0))
+        for index in range(count):
+            worker_name = f"{name}.w{index}"
+            self._spawn(worker_name, [python, "-m", "futurefed.worker", "--lifeline", str(self.lifeline_r)], {
+                **base_env,
+                "IS_ORIGIN": "0",
+                "WORKER_NAME": worker_name,
+                "BROKER_NAME": name,
+                "BROKER_ADDRESS": f"tcp://127.0.0.1:{port}",
+            }, nice=int(spec.get("nice", 0)))
+        joined = _await_workers(ready["meta"], count, self.children)
+        self.out.json("joined", {"workers": joined})
+
+    # -- stopping --------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Close the lifeline, give the children time to go, kill the rest."""
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        os.close(self.lifeline_w)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for process in self.children:
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for reader in self.readers:
+            reader.join(STOP_TIMEOUT)
+
+
+class _StartError(Exception):
+    pass
+
+
+def _await_workers(meta_endpoint: str, count: int, children: List["subprocess.Popen[bytes]"]) -> int:
+    """Watch the broker's LOAD until ``count`` workers have joined it (or a
+    child died, or :data:`JOIN_TIMEOUT` passed); how many joined."""
+    import zmq
+
+    from .. import protocol as p
+
+    port = meta_endpoint.rsplit(":", 1)[1]
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(f"tcp://127.0.0.1:{port}")
+    joined = 0
+    deadline = time.monotonic() + JOIN_TIMEOUT
+    try:
+        while joined < count and time.monotonic() < deadline:
+            if any(child.poll() is not None for child in children):
+                break
+            if not sub.poll(500):
+                continue
+            message = p.decode(sub.recv_multipart())
+            workers = message.meta.get("workers") if isinstance(message, p.Load) else None
+            if isinstance(workers, int):
+                joined = workers
+    finally:
+        sub.close()
+    return joined
+
+
+def _meta_bind(bind: str) -> str:
+    host, _, port = bind.rpartition(":")
+    return f"{host}:0" if port in ("0", "*") else f"{host}:{int(port) + 1}"
+
+
+def _read_ready(fd: int) -> Optional[Dict[str, Any]]:
+    """The broker's ready line, or None if it exited (or hung) first."""
+    data = b""
+    deadline = time.monotonic() + BROKER_TIMEOUT
+    while not data.endswith(b"\n") and time.monotonic() < deadline:
+        readable, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not readable:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    if not data.endswith(b"\n"):
+        return None
+    return dict(json.loads(data))
+
+
+def _stdin_lines(lines: "queue.Queue[Optional[str]]") -> None:
+    for line in sys.stdin:
+        lines.put(line.rstrip("\n"))
+    lines.put(None)
+
+
+def main() -> int:
+    out = _Out(sys.stdout)
+    out.json("ready", {
+        "host": socket.gethostname(),
+        "cores": os.cpu_count() or 1,
+        "python": sys.executable,
+        "version": _version(),
+        "pid": os.getpid(),
+    })
+    agent = HostAgent(out)
+    lines: "queue.Queue[Optional[str]]" = queue.Queue()
+    threading.Thread(target=_stdin_lines, args=(lines,), daemon=True).start()
+    beating = threading.Event()
+
+    def beat() -> None:
+        while not beating.wait(HEARTBEAT):
+            out.send("beat")
+
+    threading.Thread(target=beat, daemon=True).start()
+    status = 0
+    try:
+        while True:
+            try:
+                line = lines.get(timeout=SILENCE_TIMEOUT)
+            except queue.Empty:
+                out.send("error", f"no word from fedrun for {SILENCE_TIMEOUT:g} s: stopping")
+                status = 1
+                break
+            if line is None or line == "@stop":
+                break
+            if line.startswith("@start "):
+                try:
+                    agent.start(json.loads(line[len("@start "):]))
+                except (_StartError, OSError, ValueError, KeyError, TypeError) as exc:
+                    out.send("error", str(exc))
+                    status = 1
+                    break
+    except KeyboardInterrupt:
+        status = 1
+    finally:
+        agent.stop()
+        beating.set()
+    return status
+
+
+def _version() -> str:
+    from futurefed import __version__
+
+    return __version__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

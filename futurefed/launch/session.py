@@ -1,0 +1,423 @@
+"""One fedrun session: start a host agent per host, a broker and workers on
+each, run the program as the origin, and tear it all down.
+
+The steps, each bounded in time:
+
+1. open every channel in parallel; each agent answers ``@ready`` with its
+   host's core count;
+2. spread the workers over the hosts (``hosts.distribute``);
+3. start the first host's broker, then the others peering with it (they
+   learn of each other from its LOAD messages);
+4. run the program with ``IS_ORIGIN=1`` and ``BROKER_ADDRESS`` set to the
+   first broker, its stdin, stdout and stderr fedrun's own;
+5. stop: ``@stop`` to every agent, wait for them, close the channels.
+
+Meanwhile a thread per channel relays the agents' output, prefixed with host
+and process, and a heartbeat thread notices a host that falls silent; either
+ends the session early with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import IO, Any, Callable, Dict, List, Optional, Sequence, TextIO
+
+from .channels import AgentCommand, Channel, LaunchError
+
+#: How long an agent may take to start and say ``@ready``.
+READY_TIMEOUT = 60.0
+HEARTBEAT = 1.0
+#: A host silent for this long is lost.
+LOST_AFTER = 5.0
+#: How long agents may take to end their processes at the end.
+STOP_TIMEOUT = 15.0
+#: How long the origin may take to exit after SIGINT/SIGTERM before SIGKILL.
+ORIGIN_GRACE = 5.0
+
+
+class SessionError(Exception):
+    """The session cannot go on; a one-line reason naming the host."""
+
+
+@dataclass
+class Plan:
+    """What to run and how (from the command line)."""
+
+    program: Sequence[str]
+    workers: Optional[int] = None
+    bind_host: str = "*"
+    broker_port: int = 0
+    env: Dict[str, str] = field(default_factory=dict)
+    nice: int = 0
+    log_dir: Optional[str] = None
+    verbose: bool = False
+    prefix_output: bool = True
+
+
+class _Agent:
+    """fedrun's view of one host agent."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.ready: Optional[Dict[str, Any]] = None
+        self.broker: Optional[Dict[str, Any]] = None
+        self.joined: Optional[int] = None  # workers that joined the broker
+        self.error: Optional[str] = None
+        self.changed = threading.Condition()
+        self.last_heard = time.monotonic()
+        self.ended = False
+        self.lost = False  # silent too long: not waited for at the end
+        self.workers = 0
+
+
+class Session:
+    """Run ``plan`` on ``channels`` (the first hosts the origin's broker)."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        channels: Sequence[Channel],
+        command: Callable[[Channel], AgentCommand],
+        distribute: Callable[[int, Dict[str, int]], List[int]],
+        out: TextIO = sys.stdout,
+        err: TextIO = sys.stderr,
+    ) -> None:
+        self.plan = plan
+        self.agents = [_Agent(channel) for channel in channels]
+        self.command = command
+        self.distribute = distribute
+        self.out, self.err = out, err
+        self.print_lock = threading.Lock()
+        self.logs: Dict[str, IO[str]] = {}
+        self.failure: Optional[str] = None
+        self.failed = threading.Event()
+        self.stopping = False
+        self.origin: Optional["subprocess.Popen[bytes]"] = None
+
+    # -- output --------------------------------------------------------------------------
+
+    def say(self, message: str) -> None:
+        with self.print_lock:
+            print(f"fedrun: {message}", file=self.err, flush=True)
+
+    def _relay(self, agent: _Agent, stream: str, name: str, text: str) -> None:
+        with self.print_lock:
+            target = self.out if stream == "o" else self.err
+            if self.plan.prefix_output:
+                print(f"[{agent.channel.label} {name}] {text}", file=target, flush=True)
+            else:
+                print(text, file=target, flush=True)
+            if self.plan.log_dir is not None:
+                log = self._log(name)
+                log.write(text + "\n")
+                log.flush()
+
+    # -- the agents' output --------------------------------------------------------------
+
+    def _read(self, agent: _Agent) -> None:
+        label = agent.channel.label
+        try:
+            for raw in agent.channel.stdout():
+                line = raw.rstrip("\n")
+                agent.last_heard = time.monotonic()
+                tag, _, rest = line.partition(" ")
+                if tag in ("@o", "@e"):
+                    name, _, text = rest.partition(" ")
+                    self._relay(agent, tag[1], name, text)
+                elif tag == "@beat":
+                    pass
+                elif tag == "@spawn":
+                    self._spawned(agent, rest)
+                elif tag == "@exit":
+                    self._child_exited(agent, rest)
+                elif tag in ("@ready", "@broker", "@joined", "@error"):
+                    with agent.changed:
+                        if tag == "@ready":
+                            agent.ready = _json(rest)
+                            if self.plan.verbose:
+                                pid = agent.ready.get("pid")
+                                self.say(f"{label}: started {label}.agent (pid {pid})")
+                        elif tag == "@broker":
+                            agent.broker = _json(rest)
+                        elif tag == "@joined":
+                            agent.joined = int(_json(rest).get("workers", 0))
+                        else:
+                            agent.error = rest
+                        agent.changed.notify_all()
+                    if tag == "@error" and not self.stopping:
+                        self._fail(f"{label}: {rest}")
+                else:  # not the agent speaking: a prolog, a login banner
+                    self._relay(agent, "o", "shell", line)
+        except (OSError, ValueError, EOFError):
+            pass  # the connection broke: same as end of output
+        with agent.changed:
+            agent.ended = True
+            agent.changed.notify_all()
+        if not self.stopping:
+            self._fail(f"{label}: {self._ended_reason(agent)}")
+
+    def _ended_reason(self, agent: _Agent) -> str:
+        status = agent.channel.wait(2.0)
+        tail = [line for line in agent.channel.stderr_tail if line.strip()]
+        last = tail[-1] if tail else ""
+        if agent.ready is None:
+            if status == 127 or "not found" in last:
+                return f"cannot run the host's Python ({last or 'exit status 127'})"
+            if "No module named" in last and "futurefed" in last:
+                return f"futurefed is not installed for the host's Python ({last})"
+            detail = f": {last}" if last else ""
+            return f"the host agent exited before it was ready (status {status}){detail}"
+        return f"the connection to the host was lost{f' ({last})' if last else ''}"
+
+    def _spawned(self, agent: _Agent, rest: str) -> None:
+        name, _, pid = rest.partition(" ")
+        if self.plan.log_dir is not None:
+            with self.print_lock:
+                self._log(name)
+        if self.plan.verbose:
+            self.say(f"{agent.channel.label}: started {name} (pid {pid})")
+
+    def _log(self, name: str) -> IO[str]:
+        """The session log of process ``name`` (call with print_lock held)."""
+        log = self.logs.get(name)
+        if log is None:
+            path = os.path.join(self.plan.log_dir or ".", f"{_safe(name)}.log")
+            log = self.logs[name] = open(path, "a", encoding="utf-8")
+        return log
+
+    def _child_exited(self, agent: _Agent, rest: str) -> None:
+        name, _, status = rest.partition(" ")
+        if self.stopping:
+            return
+        if name.endswith(".broker"):
+            if agent.broker is not None:  # else the agent's @error says why
+                self._fail(f"{agent.channel.label}: the broker exited with status {status}")
+        else:
+            self.say(f"{agent.channel.label}: worker {name} exited with status {status}")
+
+    def _fail(self, reason: str) -> None:
+        if self.failure is None:
+            self.failure = reason
+        self.failed.set()
+        origin = self.origin
+        if origin is not None and origin.poll() is None:
+            origin.send_signal(signal.SIGTERM)
+
+    # -- heartbeats ------------------------------------------------------------------------
+
+    def _heartbeat(self) -> None:
+        while not self.failed.wait(HEARTBEAT):
+            if self.stopping:
+                return
+            now = time.monotonic()
+            for agent in self.agents:
+                if agent.ended:
+                    continue
+                if not agent.channel.send("@beat") or now - agent.last_heard > LOST_AFTER:
+                    agent.lost = True
+                    silent = now - agent.last_heard
+                    self._fail(f"{agent.channel.label}: host lost (nothing heard for {silent:.0f} s)")
+                    return
+
+    # -- the steps -------------------------------------------------------------------------
+
+    def _open(self, agent: _Agent) -> None:
+        agent.channel.open(self.command(agent.channel))
+        threading.Thread(target=self._read, args=(agent,), daemon=True).start()
+        with agent.changed:
+            agent.changed.wait_for(
+                lambda: agent.ready is not None or agent.ended or self.failed.is_set(), READY_TIMEOUT
+            )
+        if agent.ready is None and not agent.ended and not self.failed.is_set():
+            raise LaunchError(f"{agent.channel.label}: the host agent was not ready within {READY_TIMEOUT:g} s")
+
+    def _open_all(self) -> None:
+        """Open every channel at once; every host that fails is named."""
+        errors = []
+        with futures.ThreadPoolExecutor(max_workers=min(32, len(self.agents))) as pool:
+            done = [pool.submit(self._open, agent) for agent in self.agents]
+            for future in done:
+                try:
+                    future.result()
+                except LaunchError as exc:
+                    errors.append(str(exc))
+        for error in errors[:-1]:
+            self.say(error)
+        if errors:
+            self._fail(errors[-1])
+        for agent in self.agents:
+            agent.last_heard = time.monotonic()
+        self._check()
+        threading.Thread(target=self._heartbeat, daemon=True).start()
+
+    def _check(self) -> None:
+        if self.failed.is_set():
+            raise SessionError(self.failure or "stopped")
+
+    def _start_brokers(self) -> str:
+        cores = {a.channel.label: int((a.ready or {}).get("cores", 1)) for a in self.agents}
+        total = self.plan.workers
+        counts = self.distribute(total if total is not None else -1, cores)
+        first, *others = self.agents
+        address = self._start_one(first, counts[0], peers=[])
+        peers = [[address, (first.broker or {}).get("meta")]]
+        for agent, count in zip(others, counts[1:]):
+            self._send_start(agent, count, peers)
+        for agent in others:
+            self._await_broker(agent)
+        self._await_workers()
+        if self.plan.verbose:
+            spread = ", ".join(f"{a.channel.label}: {a.workers}" for a in self.agents)
+            self.say(f"{sum(counts)} workers ({spread}); origin joins {address}")
+        return address
+
+    def _start_one(self, agent: _Agent, count: int, peers: List[List[Any]]) -> str:
+        self._send_start(agent, count, peers)
+        return self._await_broker(agent)
+
+    def _send_start(self, agent: _Agent, count: int, peers: List[List[Any]]) -> None:
+        agent.workers = count
+        spec = {
+            "name": agent.channel.label,
+            "bind": f"tcp://{self.plan.bind_host}:{self.plan.broker_port}",
+            "advertise": agent.channel.advertise,
+            "peers": peers,
+            "workers": count,
+            "env": self.plan.env,
+            "nice": self.plan.nice,
+        }
+        if not agent.channel.send("@start " + json.dumps(spec)):
+            self._fail(f"{agent.channel.label}: the host agent stopped listening")
+            self._check()
+
+    def _await_broker(self, agent: _Agent) -> str:
+        with agent.changed:
+            agent.changed.wait_for(
+                lambda: agent.broker is not None or agent.ended or self.failed.is_set(), READY_TIMEOUT
+            )
+        self._check()
+        if agent.broker is None:
+            raise SessionError(f"{agent.channel.label}: the broker did not start within {READY_TIMEOUT:g} s")
+        return str(agent.broker["task"])
+
+    def _await_workers(self) -> None:
+        """Start the program only once every worker has joined its broker,
+        so that its first tasks already spread over all of them."""
+        for agent in self.agents:
+            with agent.changed:
+                agent.changed.wait_for(
+                    lambda: agent.joined is not None or agent.ended or self.failed.is_set(),
+                    READY_TIMEOUT,
+                )
+            self._check()
+            if agent.joined is not None and agent.joined < agent.workers:
+                self.say(f"{agent.channel.label}: only {agent.joined} of {agent.workers} workers joined")
+
+    def _run_origin(self, address: str) -> int:
+        env = {
+            **os.environ, **self.plan.env,
+            "IS_ORIGIN": "1", "BROKER_ADDRESS": address,
+            "BROKER_NAME": self.agents[0].channel.label, "WORKER_NAME": "origin",
+        }
+        try:
+            self.origin = subprocess.Popen(list(self.plan.program), env=env)
+        except OSError as exc:
+            raise SessionError(f"cannot run {self.plan.program[0]}: {exc.strerror}") from None
+        ended = threading.Event()
+        threading.Thread(target=lambda: (self.origin.wait(), ended.set()), daemon=True).start()  # type: ignore[union-attr]
+        try:
+            while not ended.wait(3600):
+                pass
+        except KeyboardInterrupt:
+            self._interrupt_origin(signal.SIGINT)
+            raise
+        status = self.origin.returncode
+        return 128 - status if status < 0 else status
+
+    def _interrupt_origin(self, sig: int) -> None:
+        origin = self.origin
+        if origin is None or origin.poll() is not None:
+            return
+        origin.send_signal(sig)
+        try:
+            origin.wait(ORIGIN_GRACE)
+        except subprocess.TimeoutExpired:
+            origin.kill()
+            origin.wait()
+
+    # -- the whole -----------------------------------------------------------------------
+
+    def run(self) -> int:
+        """The session's exit status: the origin's, or 1 when fedrun itself
+        failed (the reason printed on one line), 130/143 on SIGINT/SIGTERM."""
+
+        def terminate(signum: int, frame: Any) -> None:
+            raise _Terminated
+
+        previous = signal.signal(signal.SIGTERM, terminate)
+        status = 1
+        try:
+            self._open_all()
+            address = self._start_brokers()
+            status = self._run_origin(address)
+            if self.failed.is_set():  # the program was stopped for it
+                self.say(self.failure or "failed")
+                status = 1
+        except (SessionError, LaunchError) as exc:
+            self.say(str(exc))
+            status = 1
+        except KeyboardInterrupt:
+            self.say("interrupted")
+            status = 130
+        except _Terminated:
+            self._interrupt_origin(signal.SIGTERM)
+            self.say("terminated")
+            status = 143
+        finally:
+            try:
+                self._stop()
+            finally:
+                signal.signal(signal.SIGTERM, previous)
+        return status
+
+    def _stop(self) -> None:
+        """Tell every agent to stop and wait for them (bounded); close."""
+        self.stopping = True
+        self._interrupt_origin(signal.SIGTERM)
+        for agent in self.agents:
+            agent.channel.send("@stop")
+            agent.channel.close_input()
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for agent in self.agents:
+            if agent.lost:  # its agent stops on its own once it hears nothing
+                agent.channel.kill()
+            elif agent.channel.wait(max(0.0, deadline - time.monotonic())) is None:
+                self.say(f"{agent.channel.label}: the host agent did not stop; closing its connection")
+                agent.channel.kill()
+            agent.channel.close()
+        for log in self.logs.values():
+            log.close()
+
+
+class _Terminated(Exception):
+    """SIGTERM reached fedrun."""
+
+
+def _json(text: str) -> Dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)[:200] or "process"

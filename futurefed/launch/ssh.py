@@ -1,0 +1,156 @@
+"""Host agents over ssh (paramiko): the only module that imports paramiko.
+
+A host is resolved as OpenSSH would: ``~/.ssh/config`` (or ``--ssh-config``)
+gives HostName, User, Port and IdentityFile for aliases and patterns; a
+user or port written in ``--hosts`` wins. Host keys are checked against
+known_hosts; an unknown key is refused unless ``accept_unknown`` is set.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from typing import IO, List, Optional
+
+import paramiko
+
+from ..hosts import Host
+from .channels import AgentCommand, Channel, LaunchError
+
+__all__ = ["SshChannel", "SshOptions"]
+
+
+@dataclass
+class SshOptions:
+    config_file: Optional[str] = None  # default ~/.ssh/config, if it exists
+    known_hosts: Optional[str] = None  # default ~/.ssh/known_hosts
+    identity: Optional[str] = None  # overrides IdentityFile
+    accept_unknown: bool = False
+    timeout: float = 10.0
+
+
+class SshChannel(Channel):
+    """The agent on one host, as the command of an ssh session."""
+
+    def __init__(self, host: Host, options: SshOptions) -> None:
+        super().__init__(host.name)
+        self.host = host
+        self.options = options
+        self.client: Optional[paramiko.SSHClient] = None
+        self.session: Optional[paramiko.Channel] = None
+        self._stdout: Optional[IO[str]] = None
+        self.known_hosts: Optional[str] = None
+        self.hostname, self.user, self.port, self.key_files = self._resolve()
+        self.advertise = self.hostname
+
+    def _resolve(self) -> "tuple[str, Optional[str], int, List[str]]":
+        """HostName, User, Port and IdentityFile as OpenSSH would resolve
+        them (UserKnownHostsFile too); what --hosts says wins."""
+        config = paramiko.SSHConfig()
+        path = self.options.config_file or os.path.expanduser("~/.ssh/config")
+        if os.path.exists(path):
+            try:
+                config = paramiko.SSHConfig.from_path(path)
+            except (OSError, paramiko.ssh_exception.ConfigParseError) as exc:
+                raise LaunchError(f"{self.label}: cannot read ssh config {path}: {exc}") from None
+        found = config.lookup(self.host.name)
+        hostname = str(found.get("hostname", self.host.name)).strip("[]")
+        user = self.host.user or found.get("user")
+        port = self.host.port or int(found.get("port", 22))
+        keys = [self.options.identity] if self.options.identity else list(found.get("identityfile", []))
+        known = found.get("userknownhostsfile")
+        if known and not self.options.known_hosts:
+            self.known_hosts = os.path.expanduser(str(known).split()[0])
+        return hostname, user, port, [os.path.expanduser(k) for k in keys if k]
+
+    def open(self, command: AgentCommand) -> None:
+        client = paramiko.SSHClient()
+        known = (
+            self.options.known_hosts or self.known_hosts or os.path.expanduser("~/.ssh/known_hosts")
+        )
+        if os.path.exists(known):
+            try:
+                client.load_host_keys(known)
+            except (OSError, paramiko.SSHException) as exc:
+                raise LaunchError(f"{self.label}: cannot read known hosts {known}: {exc}") from None
+        client.set_missing_host_key_policy(
+            paramiko.WarningPolicy() if self.options.accept_unknown else paramiko.RejectPolicy()
+        )
+        where = f"{self.user + '@' if self.user else ''}{self.hostname}:{self.port}"
+        try:
+            client.connect(
+                self.hostname, port=self.port, username=self.user,
+                key_filename=self.key_files or None, timeout=self.options.timeout,
+                banner_timeout=self.options.timeout, auth_timeout=self.options.timeout,
+                allow_agent=True, look_for_keys=not self.key_files,
+            )
+        except socket.gaierror as exc:
+            raise LaunchError(f"{self.label}: unknown host {self.hostname} ({exc.strerror})") from None
+        except paramiko.AuthenticationException as exc:
+            raise LaunchError(f"{self.label}: authentication failed for {where}: {exc}") from None
+        except paramiko.BadHostKeyException:
+            raise LaunchError(
+                f"{self.label}: the host key of {where} does not match known_hosts"
+                " (it changed, or this is not the host you think)"
+            ) from None
+        except paramiko.SSHException as exc:
+            if "not found in known_hosts" in str(exc):
+                raise LaunchError(
+                    f"{self.label}: the host key of {where} is not in {known}"
+                    " (check it, or pass --accept-unknown-hosts)"
+                ) from None
+            raise LaunchError(f"{self.label}: ssh to {where} failed: {exc}") from None
+        except socket.timeout:
+            raise LaunchError(f"{self.label}: no answer from {where} within {self.options.timeout:g} s") from None
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise LaunchError(f"{self.label}: cannot connect to {where}: {reason}") from None
+        self.client = client
+        transport = client.get_transport()
+        if transport is not None:
+            transport.set_keepalive(1)
+        try:
+            session = client.get_transport().open_session(timeout=self.options.timeout)  # type: ignore[union-attr]
+            session.exec_command(command.shell())
+        except (paramiko.SSHException, OSError) as exc:
+            raise LaunchError(f"{self.label}: cannot run a command on {where}: {exc}") from None
+        self.session = session
+        self._stdin = session.makefile_stdin("w")  # type: ignore[assignment]
+        # paramiko's files yield each line as soon as it is complete (an
+        # io.TextIOWrapper would wait for a whole buffer)
+        self._stdout = session.makefile("r")  # type: ignore[assignment]
+        stderr = session.makefile_stderr("r")
+        threading.Thread(target=self._keep_stderr, args=(stderr,), daemon=True).start()
+
+    def stdout(self) -> IO[str]:
+        if self._stdout is None:
+            raise LaunchError(f"{self.label}: not connected")
+        return self._stdout
+
+    def close_input(self) -> None:
+        super().close_input()
+        if self.session is not None:
+            try:
+                self.session.shutdown_write()
+            except (OSError, EOFError, paramiko.SSHException):
+                pass  # the connection is gone: the agent's stdin is closed anyway
+
+    def wait(self, timeout: float) -> Optional[int]:
+        session = self.session
+        if session is None:
+            return None
+        if session.status_event.wait(timeout):
+            return session.recv_exit_status()
+        if session.closed:
+            return -1
+        return None
+
+    def kill(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None

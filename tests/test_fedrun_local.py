@@ -1,0 +1,155 @@
+"""fedrun on this machine alone: the program's exit status, streamed and
+logged output, and teardown on every kind of end (no process left)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from fedprocs import command
+from procs import wait_gone
+
+GUARD = 60
+HOST = socket.gethostname()
+
+PROGRAM = """\
+import os, sys
+from futurefed import FederatedExecutor
+
+def where(i):
+    if i < 2:
+        print(f"task {i} says hello", flush=True)
+    return os.environ["WORKER_NAME"]
+
+with FederatedExecutor() as executor:
+    names = sorted(set(executor.map(where, range(200))))
+print("workers:", " ".join(names))
+print("args:", " ".join(sys.argv[1:]))
+sys.exit(int(os.environ.get("EXIT_WITH", "0")))
+"""
+
+# Prints "ready" once a task has run, then blocks until its stdin closes.
+BLOCKING_PROGRAM = """\
+import sys
+from futurefed import FederatedExecutor
+
+with FederatedExecutor() as executor:
+    assert executor.submit(abs, -1).result() == 1
+    print("ready", flush=True)
+    sys.stdin.read()
+"""
+
+STARTED = re.compile(r"fedrun: \S+: started (\S+) \(pid (\d+)\)")
+
+
+def fedrun(args, program, tmp_path, **kwargs):
+    path = tmp_path / "prog.py"
+    path.write_text(program)
+    return command("fedrun") + args + [str(path)]
+
+
+def started_pids(stderr: str) -> dict:
+    return {name: int(pid) for name, pid in STARTED.findall(stderr)}
+
+
+def test_runs_the_program_with_its_arguments_and_exit_status(tmp_path):
+    argv = fedrun(["-N", "2", "-v", "--log-dir", str(tmp_path / "logs")], PROGRAM, tmp_path)
+    result = subprocess.run(
+        argv + ["alpha", "--beta"], capture_output=True, text=True, timeout=GUARD,
+        env=dict(os.environ, EXIT_WITH="3"),
+    )
+    assert result.returncode == 3, result.stderr
+    lines = result.stdout.splitlines()
+    assert f"workers: {HOST}.w0 {HOST}.w1" in lines
+    assert "args: alpha --beta" in lines
+    # the workers' output, streamed with host and process
+    hello = [line for line in lines if "says hello" in line]
+    assert len(hello) == 2
+    assert all(re.fullmatch(rf"\[{re.escape(HOST)} {re.escape(HOST)}\.w[01]\] task [01] says hello", h)
+               for h in hello), hello
+    # one session log per process, with what that process printed
+    pids = started_pids(result.stderr)
+    assert set(pids) == {f"{HOST}.agent", f"{HOST}.broker", f"{HOST}.w0", f"{HOST}.w1"}
+    logs = {p.name for p in (tmp_path / "logs").iterdir()}
+    assert logs == {f"{name}.log" for name in pids if not name.endswith(".agent")}
+    logged = "".join((tmp_path / "logs" / name).read_text() for name in logs)
+    assert logged.count("says hello") == 2
+    assert wait_gone(pids.values(), GUARD) == []
+
+
+def test_workers_default_to_the_cores(tmp_path):
+    result = subprocess.run(
+        fedrun(["-v"], PROGRAM, tmp_path), capture_output=True, text=True, timeout=GUARD
+    )
+    assert result.returncode == 0, result.stderr
+    workers = {n for n in started_pids(result.stderr) if not n.endswith((".broker", ".agent"))}
+    assert len(workers) == os.cpu_count()
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_to_fedrun_ends_everything(tmp_path, sig, status):
+    process = subprocess.Popen(
+        fedrun(["-N", "2", "-v"], BLOCKING_PROGRAM, tmp_path), stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert process.stdout.readline() == "ready\n"  # the federation ran a task
+        process.send_signal(sig)
+        out, err = process.communicate(timeout=GUARD)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == status, err
+    pids = started_pids(err)
+    assert len(pids) == 4
+    assert wait_gone(pids.values(), GUARD) == []
+
+
+def test_a_failing_program_fails_fedrun(tmp_path):
+    result = subprocess.run(
+        fedrun(["-N", "1"], "raise SystemExit('boom')\n", tmp_path),
+        capture_output=True, text=True, timeout=GUARD,
+    )
+    assert result.returncode == 1
+    assert "boom" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-N", "0", "prog.py"], "at least one worker"),
+    (["no-such-program.py"], "no such file"),
+    (["--env", "X", "prog.py"], "--env 'X' is not NAME=VALUE"),
+    (["--hosts", "a:b:c:d", "prog.py"], "--hosts"),
+    (["--launcher", "srun", "prog.py"], "only inside a SLURM allocation"),
+])
+def test_bad_arguments_are_one_line_and_status_2(tmp_path, args, message):
+    (tmp_path / "prog.py").write_text("pass\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PBS_", "PE_HOSTFILE"))}
+    result = subprocess.run(
+        command("fedrun") + args, capture_output=True, text=True, timeout=GUARD, cwd=tmp_path, env=env,
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr
+
+
+def test_a_port_that_cannot_be_bound(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            fedrun(["-N", "1", "--broker-port", str(port)], PROGRAM, tmp_path),
+            capture_output=True, text=True, timeout=GUARD,
+        )
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"fedrun: {HOST}: the broker did not start: ")
+    assert f"cannot bind BROKER_ADDRESS=tcp://127.0.0.1:{port}" in last

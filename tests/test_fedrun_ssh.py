@@ -1,0 +1,209 @@
+"""fedrun across real hosts: three network namespaces joined by a bridge,
+each with its own OpenSSH server (tests/netns.py); fedrun runs in a fourth,
+the client namespace, and reaches them by ssh (paramiko) with the cluster's
+ssh config and known_hosts."""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import signal
+import subprocess
+
+import pytest
+
+from fedprocs import ROOT
+from netns import SshCluster, ssh_cluster_fixture
+from procs import wait_gone
+
+GUARD = 60
+FEDRUN = os.path.join(ROOT, "bin", "fedrun")
+STARTED = re.compile(r"fedrun: (\S+): started (\S+) \(pid (\d+)\)")
+
+cluster = ssh_cluster_fixture(scope="module")
+
+PROGRAM = """\
+import collections, os, socket, sys
+from futurefed import FederatedExecutor
+
+def where(i):
+    if i == 0:
+        print("hello from", socket.gethostname(), flush=True)
+    sum(range(20000))  # a little work, so that no worker can take it all
+    return os.environ["WORKER_NAME"]
+
+with FederatedExecutor() as executor:
+    names = list(executor.map(where, range(600)))
+assert len(names) == 600
+print("workers:", " ".join(sorted(set(names))))
+sys.exit(int(os.environ.get("EXIT_WITH", "0")))
+"""
+
+BLOCKING_PROGRAM = """\
+import sys
+from futurefed import FederatedExecutor
+
+with FederatedExecutor() as executor:
+    executor.map(abs, range(-100, 0))
+    print("ready", flush=True)
+    sys.stdin.read()
+"""
+
+
+def write_program(tmp_path, text=PROGRAM):
+    path = tmp_path / "prog.py"
+    path.write_text(text)
+    return str(path)
+
+
+def fedrun_args(cluster: SshCluster, *args: str) -> list:
+    return [cluster.python, FEDRUN, "--ssh-config", cluster.ssh_config, *args]
+
+
+def run(cluster, tmp_path, *args, env=None):
+    return cluster.run_in_client(
+        fedrun_args(cluster, *args), env=env, timeout=GUARD, cwd=str(tmp_path),
+    )
+
+
+def started(stderr: str) -> dict:
+    """{process name: (host, pid)} from fedrun -v."""
+    return {name: (host, int(pid)) for host, name, pid in STARTED.findall(stderr)}
+
+
+def assert_nothing_left(cluster: SshCluster, pids) -> None:
+    assert wait_gone(pids, GUARD) == [], cluster.describe(list(pids))
+    for alias in cluster.aliases:
+        left = cluster.pids_in(alias)
+        assert left == [], f"{alias}: {cluster.describe(left)}"
+
+
+def test_runs_on_every_host_and_tears_down(cluster, tmp_path):
+    program = write_program(tmp_path)
+    logs = tmp_path / "logs"
+    result = run(
+        cluster, tmp_path, "--hosts", "node1", "node2", "node3", "-N", "6", "-v",
+        "--log-dir", str(logs), program, env={"EXIT_WITH": "4"},
+    )
+    assert result.returncode == 4, result.stderr
+    workers = re.search(r"^workers: (.*)$", result.stdout, re.M).group(1).split()
+    assert {w.split(".")[0] for w in workers} == {"node1", "node2", "node3"}, workers
+    assert len(workers) == 6
+    hello = re.findall(r"^\[(node\d) (node\d\.w\d)\] hello from (node\d)$", result.stdout, re.M)
+    assert len(hello) == 1 and hello[0][0] == hello[0][2] == hello[0][1].split(".")[0]
+    procs = started(result.stderr)
+    assert len(procs) == 12  # an agent, a broker and two workers per host
+    assert {host for host, _ in procs.values()} == {"node1", "node2", "node3"}
+    assert {p.name for p in logs.iterdir()} == {
+        f"{name}.log" for name in procs if not name.endswith(".agent")
+    }
+    assert_nothing_left(cluster, [pid for _, pid in procs.values()])
+
+
+def test_hostfile_slots_user_and_port(cluster, tmp_path):
+    program = write_program(tmp_path)
+    hostfile = tmp_path / "hosts.txt"
+    ip2 = cluster.hosts[1]
+    hostfile.write_text(f"# the cluster\nnode1 2\nroot@{ip2}:22:1   # by address, user and port\n\nnode3:1\n")
+    result = run(cluster, tmp_path, "--hostfile", str(hostfile), "-v", program)
+    assert result.returncode == 0, result.stderr
+    procs = started(result.stderr)
+    per_host = collections.Counter(host for name, (host, _) in procs.items() if ".w" in name)
+    assert per_host == {"node1": 2, ip2: 1, "node3": 1}
+    assert_nothing_left(cluster, [pid for _, pid in procs.values()])
+
+
+@pytest.mark.parametrize("case", ["unknown host", "unknown key", "wrong key", "no python", "no futurefed"])
+def test_errors_name_the_host_and_leave_nothing(cluster, tmp_path, case):
+    program = write_program(tmp_path)
+    hosts = ["node1", "node2"]
+    extra = []
+    if case == "unknown host":
+        hosts.append("node9")
+        expect = "fedrun: node9: unknown host node9"
+    elif case == "unknown key":
+        empty = tmp_path / "known_hosts"
+        empty.write_text("")
+        extra = ["--known-hosts", str(empty)]
+        expect = "the host key of root@{}:22 is not in".format(cluster.hosts[1])
+    elif case == "wrong key":
+        other = tmp_path / "other_key"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+        extra = ["-i", str(other)]
+        expect = f"authentication failed for root@{cluster.hosts[1]}:22"
+    elif case == "no python":
+        extra = ["--python-interpreter", "/nonexistent/python3"]
+        expect = "cannot run the host's Python"
+    else:
+        isolated = tmp_path / "isolated-python"
+        isolated.write_text(f"#!/bin/sh\nexec {cluster.python} -I -S \"$@\"\n")
+        isolated.chmod(0o755)
+        extra = ["--python-interpreter", str(isolated)]
+        expect = "futurefed is not installed for the host's Python"
+    result = run(cluster, tmp_path, "--hosts", *hosts, "-N", "2", *extra, program)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert expect in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "workers:" not in result.stdout
+    assert_nothing_left(cluster, [])
+
+
+def test_unknown_key_accepted_on_request(cluster, tmp_path):
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    program = write_program(tmp_path)
+    result = run(
+        cluster, tmp_path, "--hosts", "node1", "-N", "1", "--known-hosts", str(empty),
+        "--accept-unknown-hosts", program,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "workers: node1.w0" in result.stdout
+
+
+def _start_blocking(cluster, tmp_path, *args):
+    program = write_program(tmp_path, BLOCKING_PROGRAM)
+    process = cluster.exec_in(
+        cluster.client_ns, fedrun_args(cluster, "--hosts", "node1", "node2", "node3", "-N", "3", "-v",
+                                       *args, program),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=str(tmp_path),
+    )
+    assert process.stdout.readline() == "ready\n"
+    return process
+
+
+def test_a_cut_host_fails_fedrun_clearly(cluster, tmp_path):
+    process = _start_blocking(cluster, tmp_path)
+    try:
+        cluster.cut("node2")
+        process.wait(GUARD)  # stdin stays open: the program would go on for ever
+        out, err = process.communicate()
+    finally:
+        cluster.uncut("node2")
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 1, err
+    assert re.search(r"^fedrun: node2: host lost", err, re.M), err
+    # the cut host's agent hears nothing more either, and ends its processes
+    assert_nothing_left(cluster, [pid for _, pid in started(err).values()])
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGKILL"])
+def test_fedrun_ending_ends_every_remote_process(cluster, tmp_path, how):
+    process = _start_blocking(cluster, tmp_path)
+    try:
+        process.send_signal(getattr(signal, how))
+        process.wait(GUARD)
+        out, err = process.communicate()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    procs = started(err)
+    assert len(procs) == 9  # an agent, a broker and a worker per host
+    if how != "SIGKILL":
+        assert process.returncode == {"SIGINT": 130, "SIGTERM": 143}[how], err
+    # with SIGKILL the ssh connections just drop: the agents see their stdin close
+    assert_nothing_left(cluster, [pid for _, pid in procs.values()])

@@ -14,7 +14,7 @@ import subprocess
 import pytest
 
 from fedprocs import ROOT
-from netns import SshCluster, ssh_cluster_fixture
+from netns import IP, SshCluster, ssh_cluster_fixture
 from procs import wait_gone
 
 GUARD = 60
@@ -207,3 +207,93 @@ def test_fedrun_ending_ends_every_remote_process(cluster, tmp_path, how):
         assert process.returncode == {"SIGINT": 130, "SIGTERM": 143}[how], err
     # with SIGKILL the ssh connections just drop: the agents see their stdin close
     assert_nothing_left(cluster, [pid for _, pid in procs.values()])
+
+
+def workers_per_host(stderr: str) -> collections.Counter:
+    return collections.Counter(host for name, (host, _) in started(stderr).items() if ".w" in name)
+
+
+@pytest.mark.parametrize("system", ["slurm", "pbs", "sge"])
+def test_hosts_and_slots_from_the_allocation(cluster, tmp_path, system):
+    program = write_program(tmp_path)
+    if system == "slurm":
+        env = {"SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "node[1-3]", "SLURM_TASKS_PER_NODE": "2,1(x2)"}
+        expect = {"node1": 2, "node2": 1, "node3": 1}
+    elif system == "pbs":
+        nodefile = tmp_path / "nodefile"
+        nodefile.write_text("node2\nnode3\nnode2\n")
+        env = {"PBS_NODEFILE": str(nodefile)}
+        expect = {"node2": 2, "node3": 1}
+    else:
+        hostfile = tmp_path / "pe_hostfile"
+        hostfile.write_text("node3 2 all.q@node3 UNDEFINED\nnode1 1 all.q@node1 UNDEFINED\n")
+        env = {"PE_HOSTFILE": str(hostfile), "NSLOTS": "3"}
+        expect = {"node3": 2, "node1": 1}
+    result = run(cluster, tmp_path, "-v", program, env=env)
+    assert result.returncode == 0, result.stderr
+    assert workers_per_host(result.stderr) == expect
+    assert_nothing_left(cluster, [pid for _, pid in started(result.stderr).values()])
+
+
+def test_srun_launcher(cluster, tmp_path):
+    """Inside SLURM, --launcher srun starts each host's agent with srun. Here
+    srun is a stand-in that runs the command in the node's namespace, as
+    srun would run it on the node (no SLURM here to run the real one)."""
+    calls = tmp_path / "srun-calls"
+    fake = tmp_path / "bin" / "srun"
+    fake.parent.mkdir()
+    namespaces = " ".join(f"{alias}={cluster.ns(alias)}" for alias in cluster.aliases)
+    fake.write_text(f"""#!/bin/sh
+node=
+for arg; do case $arg in --nodelist=*) node=${{arg#--nodelist=}};; esac; done
+echo "$node $*" >> {calls}
+while [ $# -gt 0 ]; do case $1 in --*) shift;; *) break;; esac; done
+for pair in {namespaces}; do [ "${{pair%%=*}}" = "$node" ] && ns=${{pair#*=}}; done
+exec {IP} netns exec "$ns" "$@"
+""")
+    fake.chmod(0o755)
+    program = write_program(tmp_path)
+    env = {
+        "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "node[1-3]", "SLURM_NTASKS": "3",
+        "PATH": f"{fake.parent}:{os.environ['PATH']}",
+    }
+    result = run(cluster, tmp_path, "--launcher", "srun", "-v", program, env=env)
+    assert result.returncode == 0, result.stderr
+    assert workers_per_host(result.stderr) == {"node1": 1, "node2": 1, "node3": 1}
+    lines = calls.read_text().splitlines()
+    assert sorted(line.split()[0] for line in lines) == ["node1", "node2", "node3"]
+    assert all("--nodes=1 --ntasks=1" in line and "futurefed.launch.hostagent" in line for line in lines)
+    assert_nothing_left(cluster, [pid for _, pid in started(result.stderr).values()])
+
+
+ENVIRONMENT_PROGRAM = """\
+import os
+from futurefed import FederatedExecutor
+
+def look(_):
+    return os.environ["WORKER_NAME"].split(".")[0], os.environ.get("FROM_PROLOG"), \\
+        os.environ.get("GREETING"), os.getcwd(), os.nice(0)
+
+with FederatedExecutor() as executor:
+    seen = set(executor.map(look, range(300)))
+for item in sorted(seen):
+    print(*item)
+print("origin", os.environ.get("GREETING"))
+"""
+
+
+def test_prolog_environment_working_directory_and_nice(cluster, tmp_path):
+    prolog = tmp_path / "prolog.sh"
+    prolog.write_text("export FROM_PROLOG=sourced\n")
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    program = write_program(tmp_path, ENVIRONMENT_PROGRAM)
+    result = run(
+        cluster, tmp_path, "--hosts", "node1", "node2", "-N", "2", "--prolog", str(prolog),
+        "--env", "GREETING=hi there", "--path", str(workdir), "--nice", "5", program,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "origin hi there" in lines
+    for host in ("node1", "node2"):
+        assert f"{host} sourced hi there {workdir} 5" in lines, lines

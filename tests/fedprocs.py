@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Sequence
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 GUARD = 60  # seconds; only ever a deadlock guard
+STOP_GUARD = 15  # seconds a process may take to end after SIGTERM
 
 _BOUND = re.compile(r"bound (tcp://\S+) \(meta (tcp://\S+)\)")
 
@@ -153,10 +154,29 @@ class Federation:
         for process in reversed(self.processes):
             if process.popen.poll() is None:
                 process.popen.send_signal(signal.SIGTERM)
+        stuck = []
         for process in self.processes:
             try:
-                process.popen.wait(GUARD)
+                process.popen.wait(STOP_GUARD)
             except subprocess.TimeoutExpired:
+                stuck.append(f"{process.name} (pid {process.pid}): {_where(process.pid)}")
+                if os.environ.get("FEDPROCS_PYSPY"):
+                    subprocess.run(["py-spy", "dump", "--pid", str(process.pid)])
                 process.popen.kill()
                 process.popen.wait()
             process.close()
+        if stuck:
+            raise AssertionError("ignored SIGTERM: " + "; ".join(stuck) + "\n" + self.log())
+
+
+def _where(pid: int) -> str:
+    """What a stuck process waits in, from /proc (for failure reports)."""
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            wchan = f.read()
+        with open(f"/proc/{pid}/status") as f:
+            state = next(line.split(None, 1)[1].strip() for line in f if line.startswith("State:"))
+        threads = len(os.listdir(f"/proc/{pid}/task"))
+    except (OSError, StopIteration):
+        return "gone"
+    return f"state {state}, waiting in {wchan or '?'}, {threads} threads"

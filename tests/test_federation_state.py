@@ -202,3 +202,32 @@ def test_a_broker_may_not_submit():
     a.pump()
     a.submit(b"peer", [task(1)], BLOBS)
     assert a.load()["queued"] == 0
+
+
+def test_tasks_stranded_at_a_busy_worker_are_lent(pair):
+    # A's worker took 4 tasks at once (its credit after fast tasks) and runs
+    # the first for long: the 3 behind it are stealable after REVOKE_AFTER,
+    # and go to the borrower, not back to the worker that still has credit.
+    from futurefed.broker.state import REVOKE_AFTER
+
+    a, b = pair
+    a.connect(b"wa", "worker")
+    a.credit(b"wa", 6)
+    a.submit(b"o", [task(i) for i in range(1, 5)], BLOBS)
+    given = only(a.pump(), b"wa", p.Tasks).tasks
+    assert len(given) == 4
+    a.send(b"wa", p.Started([given[0].task_id]))
+    assert a.pump() == [(b"o", p.Started([1]))]
+    assert a.state.stealable() == 0  # not yet stranded
+    a.tick(REVOKE_AFTER * 2)
+    assert a.state.stealable() == 3
+    b.credit(b"w", 2)
+    publish(a, b)
+    (request,) = carry(b, a, [p.Credit])
+    assert request.count == 2
+    out = a.pump()
+    lent = only(out, B_AT_A, p.Tasks).tasks
+    assert sorted(t.frames[0] for t in lent) == [b"call-2", b"call-3"]
+    assert sorted(only(out, b"wa", p.Cancel).ids) == sorted(t.task_id for t in given[1:3])
+    assert to(out, b"wa") == [p.Cancel(only(out, b"wa", p.Cancel).ids)]  # nothing sent back
+    assert a.state.stealable() == 1

@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 
 import pytest
 
@@ -19,6 +20,7 @@ from procs import wait_gone
 
 GUARD = 60
 FEDRUN = os.path.join(ROOT, "bin", "fedrun")
+FEDRUN_PYTHON = sys.executable
 STARTED = re.compile(r"fedrun: (\S+): started (\S+) \(pid (\d+)\)")
 
 cluster = ssh_cluster_fixture(scope="module")
@@ -271,6 +273,7 @@ import os
 from futurefed import FederatedExecutor
 
 def look(_):
+    sum(range(20000))  # a little work, so that one worker cannot take it all
     return os.environ["WORKER_NAME"].split(".")[0], os.environ.get("FROM_PROLOG"), \\
         os.environ.get("GREETING"), os.getcwd(), os.nice(0)
 
@@ -297,3 +300,33 @@ def test_prolog_environment_working_directory_and_nice(cluster, tmp_path):
     assert "origin hi there" in lines
     for host in ("node1", "node2"):
         assert f"{host} sourced hi there {workdir} 5" in lines, lines
+
+
+TUNNEL_PROGRAM = """\
+import os
+from futurefed import FederatedExecutor
+
+with FederatedExecutor() as executor:
+    # a little work per task, so that one worker cannot take them all
+    names = set(executor.map(lambda _: (sum(range(20000)), os.environ["WORKER_NAME"])[1], range(400)))
+print(os.environ["BROKER_ADDRESS"], " ".join(sorted(names)))
+"""
+
+
+def test_tunnel_carries_the_program_to_the_first_broker(cluster, tmp_path):
+    program = write_program(tmp_path, TUNNEL_PROGRAM)
+    result = run(cluster, tmp_path, "--hosts", "node1", "node2", "-N", "2", "--tunnel", program)
+    assert result.returncode == 0, result.stderr
+    address, *names = result.stdout.split()
+    assert address.startswith("tcp://127.0.0.1:")  # a local end of the ssh tunnel
+    assert names == ["node1.w0", "node2.w0"]
+
+
+def test_tunnel_needs_ssh(tmp_path):
+    program = write_program(tmp_path)
+    result = subprocess.run(
+        [FEDRUN_PYTHON, FEDRUN, "-N", "1", "--tunnel", program], capture_output=True, text=True,
+        timeout=GUARD,
+    )
+    assert result.returncode == 1
+    assert "--tunnel needs hosts reached by ssh" in result.stderr

@@ -45,8 +45,10 @@ META_INTERVAL = 0.25
 META_MIN_INTERVAL = 0.002
 
 
-class _Stop(Exception):
-    """Raised by the SIGTERM handler to leave the poll loop."""
+class _Stop(BaseException):
+    """Raised by the SIGTERM handler to leave the poll loop (a BaseException,
+    so that the loop's guard against bugs in message handling cannot catch
+    it)."""
 
 
 class BindError(Exception):
@@ -220,14 +222,15 @@ class Broker:
     def _publish(self, now: float) -> Optional[float]:
         """Publish LOAD if due; seconds until the next one may be due."""
         key = self.state.load_key()
+        interval = self.state.publish_interval(META_INTERVAL)
         since = now - self._published_at
-        if since >= META_INTERVAL or (key != self._published_key and since >= META_MIN_INTERVAL):
+        if since >= interval or (key != self._published_key and since >= META_MIN_INTERVAL):
             self.publisher.send_multipart(p.encode(p.Load(self.state.meta())))
             self._published_key, self._published_at = key, now
-            return META_INTERVAL
+            return interval
         if key != self._published_key:
             return META_MIN_INTERVAL - since
-        return META_INTERVAL - since
+        return interval - since
 
     # -- the loop ------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple
 
 from .. import protocol as p
 from ..errors import RemoteProtocolError
@@ -112,7 +112,7 @@ class QueuedTask:
 
     __slots__ = (
         "origin", "task_id", "fn", "init", "frames",
-        "worker", "bid", "cancelled", "started", "done", "dispatched_at", "handed_out",
+        "worker", "bid", "cancelled", "started", "done", "dispatched_at", "handed_out", "avoid",
     )
 
     def __init__(self, origin: bytes, record: p.TaskRecord) -> None:
@@ -128,6 +128,7 @@ class QueuedTask:
         self.done = False  # its result went to the origin
         self.dispatched_at = 0.0
         self.handed_out = False  # ever dispatched: its origin can no longer cancel it
+        self.avoid: Optional[bytes] = None  # revoked from this worker: not back to it this turn
 
 
 class BrokerState:
@@ -162,6 +163,7 @@ class BrokerState:
         self._out: List[Outgoing] = []
         self._results: Dict[bytes, List[p.ResultRecord]] = {}
         self._started: Dict[bytes, List[int]] = {}
+        self._revoked: List[QueuedTask] = []  # revoked in this pump
         self._handlers: Dict[p.Command, Callable[[bytes, Any], None]] = {
             p.Command.HELLO: self._on_hello,
             p.Command.SUBMIT: self._on_submit,
@@ -381,7 +383,7 @@ class BrokerState:
         if idle <= 0:
             return
         offers = [
-            (_count(link.load.get("queued")), link) for link in links
+            (_count(link.load.get("stealable", link.load.get("queued"))), link) for link in links
             if not link.asked and (link.load_seq != link.asked_seq or not link.got_nothing)
         ]
         for queued, link in sorted(offers, key=lambda offer: -offer[0]):
@@ -430,30 +432,54 @@ class BrokerState:
         (CANCEL): the old worker reads that CANCEL before it starts another
         task, so the task normally runs once. If the two crossed and it ran
         on both, the first result is delivered and the other dropped.
+
+        A peer broker asking for work (docs/federation.md) counts as an idle
+        worker here: stranded tasks are what we advertise to peers as
+        ``stealable`` besides our queue.
         """
         if self.queued or not self.ready:
             return
         budget = sum(
-            worker.credit for worker in self.ready.values()
-            if worker.role == WORKER and not worker.inflight
+            peer.credit for peer in self.ready.values()
+            if peer.role == BROKER or (peer.role == WORKER and not peer.inflight)
         )
         if not budget:
             return
+        for ident, bid, task in list(self._stranded()):
+            self.peers[ident].cancels.append(bid)
+            self._requeue(task)
+            task.avoid = ident
+            self._revoked.append(task)
+            budget -= 1
+            if not budget:
+                return
+
+    def _stranded(self) -> Iterator[Tuple[bytes, int, QueuedTask]]:
+        """(worker, broker id, task) of every task that has waited at a busy
+        worker for REVOKE_AFTER without starting."""
         deadline = self.clock() - REVOKE_AFTER
         for ident, worker in self.peers.items():
             if worker.role != WORKER or len(worker.inflight) < 2:
                 continue
-            for bid, task in worker.inflight.items():
-                if (
+            for bid, task in list(worker.inflight.items()):
+                if not (
                     task.started or task.done or task.cancelled or task.bid != bid
                     or task.worker != ident or task.dispatched_at > deadline
                 ):
-                    continue
-                worker.cancels.append(bid)
-                self._requeue(task)
-                budget -= 1
-                if not budget:
-                    return
+                    yield ident, bid, task
+
+    def stealable(self) -> int:
+        """Tasks a peer may borrow from us: the queue and stranded tasks."""
+        return self.queued + sum(1 for _ in self._stranded())
+
+    def publish_interval(self, idle_interval: float) -> float:
+        """How often LOAD is due: ``idle_interval``, or REVOKE_AFTER while
+        tasks may become stranded and a peer could take them."""
+        if any(peer.role == BROKER for peer in self.peers.values()) and any(
+            peer.role == WORKER and len(peer.inflight) > 1 for peer in self.peers.values()
+        ):
+            return min(idle_interval, REVOKE_AFTER)
+        return idle_interval
 
     def next_check(self) -> Optional[float]:
         """Seconds until :meth:`pump` may have something to do unprompted: a
@@ -513,6 +539,11 @@ class BrokerState:
         """Dispatch what can be dispatched; return every message to send."""
         self._revoke_stranded()
         self._dispatch()
+        if self._revoked:  # what no other taker took may go back now
+            for task in self._revoked:
+                task.avoid = None
+            self._revoked.clear()
+            self._dispatch()
         self._borrow()
         for ident, peer in self.peers.items():
             if peer.role == BROKER and (peer.answer_due or peer.credit):
@@ -544,25 +575,33 @@ class BrokerState:
                 if not takers:
                     break
                 share = -(-self.queued // len(takers))  # ceil
+                sent = 0
                 for ident, peer in takers:
                     if not self.queued:
                         break
                     del ready[ident]
-                    self._send_batch(ident, peer, min(peer.credit, share))
+                    sent += self._send_batch(ident, peer, min(peer.credit, share))
                     if peer.credit > 0:
                         ready[ident] = peer
+                if not sent:
+                    break  # all that is left avoids these takers
         queue = self.queue
         while queue and (queue[0].cancelled or queue[0].done):
             queue.popleft()
 
-    def _send_batch(self, ident: bytes, worker: Peer, count: int) -> None:
+    def _send_batch(self, ident: bytes, worker: Peer, count: int) -> int:
+        """Send up to ``count`` queued tasks to ``worker``; how many went."""
         queue = self.queue
         batch: List[p.TaskRecord] = []
         blobs: Dict[bytes, Any] = {}
+        skipped: List[QueuedTask] = []
         now = self.clock()
         while queue and len(batch) < count:
             task = queue.popleft()
             if task.cancelled or task.done:
+                continue
+            if task.avoid == ident:
+                skipped.append(task)
                 continue
             self.queued -= 1
             task.worker, task.bid, task.dispatched_at = ident, self._next_bid, now
@@ -574,10 +613,12 @@ class BrokerState:
                     blobs[blob] = self.blobs[blob]
                     worker.known.add(blob)
             batch.append(p.TaskRecord(task.bid, task.fn, task.init, task.frames))
+        queue.extendleft(reversed(skipped))
         worker.credit -= len(batch)
         if batch:
             worker.answer_due = False
             self._send(ident, p.Tasks(batch, blobs))
+        return len(batch)
 
     # -- reporting -----------------------------------------------------------
 
@@ -614,6 +655,7 @@ class BrokerState:
             "meta": self.meta_address,
             "seq": self.seq,
             **load,
+            "stealable": self.stealable(),
             "idle": max(0, load["credit"] - self.queued),
             "hosts": dict(sorted(hosts.items())[:MAX_PEERS]),
             "peers": [

@@ -79,6 +79,11 @@ def parser() -> argparse.ArgumentParser:
         " address fedrun connects to); without HOST=, for this machine",
     )
     net.add_argument(
+        "--tunnel", action="store_true",
+        help="the program reaches the first host's broker through its ssh connection"
+        " (when that host is not reachable directly from here)",
+    )
+    net.add_argument(
         "--broker-port", type=int, default=0, metavar="PORT",
         help="the brokers' task port (meta: PORT + 1); default: any free port",
     )
@@ -248,7 +253,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     plan = Plan(
         program=program, workers=args.workers, bind_host=bind_host, broker_port=args.broker_port,
         env=env, nice=args.nice, log_dir=args.log_dir, verbose=args.verbose,
-        prefix_output=not args.no_prefix,
+        prefix_output=not args.no_prefix, tunnel=args.tunnel,
     )
     try:
         return Session(plan, channels, command, distribute).run()

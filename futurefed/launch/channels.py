@@ -93,6 +93,10 @@ class Channel:
     def kill(self) -> None:
         """Last resort when the agent will not exit."""
 
+    def tunnel(self, address: str) -> str:
+        """A local address that reaches ``address`` on this host."""
+        raise LaunchError(f"{self.label}: --tunnel needs hosts reached by ssh")
+
     def close(self) -> None:
         """Release what the channel holds (after :meth:`wait`)."""
 

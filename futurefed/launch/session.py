@@ -60,6 +60,7 @@ class Plan:
     log_dir: Optional[str] = None
     verbose: bool = False
     prefix_output: bool = True
+    tunnel: bool = False
 
 
 class _Agent:
@@ -367,6 +368,10 @@ class Session:
         try:
             self._open_all()
             address = self._start_brokers()
+            if self.plan.tunnel:
+                address = self.agents[0].channel.tunnel(address)
+                if self.plan.verbose:
+                    self.say(f"the program reaches {self.agents[0].channel.label}'s broker through ssh at {address}")
             status = self._run_origin(address)
             if self.failed.is_set():  # the program was stopped for it
                 self.say(self.failure or "failed")
@@ -407,7 +412,7 @@ class Session:
             log.close()
 
 
-class _Terminated(Exception):
+class _Terminated(BaseException):
     """SIGTERM reached fedrun."""
 
 

@@ -12,7 +12,7 @@ import os
 import socket
 import threading
 from dataclasses import dataclass
-from typing import IO, List, Optional
+from typing import IO, Any, List, Optional
 
 import paramiko
 
@@ -42,6 +42,7 @@ class SshChannel(Channel):
         self.session: Optional[paramiko.Channel] = None
         self._stdout: Optional[IO[str]] = None
         self.known_hosts: Optional[str] = None
+        self._listeners: List[socket.socket] = []
         self.hostname, self.user, self.port, self.key_files = self._resolve()
         self.advertise = self.hostname
 
@@ -150,7 +151,55 @@ class SshChannel(Channel):
     def kill(self) -> None:
         self.close()
 
+    def tunnel(self, address: str) -> str:
+        """Forward a local port to ``address``'s port on this host, through
+        the ssh connection; the local address to use instead."""
+        transport = self.client.get_transport() if self.client is not None else None
+        if transport is None:
+            raise LaunchError(f"{self.label}: no ssh connection to tunnel through")
+        port = int(address.rsplit(":", 1)[1])
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        self._listeners.append(listener)
+        threading.Thread(target=self._accept, args=(listener, transport, port), daemon=True).start()
+        return f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+
+    def _accept(self, listener: socket.socket, transport: paramiko.Transport, port: int) -> None:
+        while True:
+            try:
+                local, peer = listener.accept()
+            except OSError:
+                return  # closed: the session is over
+            try:
+                remote = transport.open_channel("direct-tcpip", ("127.0.0.1", port), peer)
+            except (paramiko.SSHException, OSError, EOFError):
+                local.close()
+                continue
+            for source, sink in ((local, remote), (remote, local)):
+                threading.Thread(target=_pump, args=(source, sink), daemon=True).start()
+
     def close(self) -> None:
+        for listener in self._listeners:
+            listener.close()
+        self._listeners.clear()
         if self.client is not None:
             self.client.close()
             self.client = None
+
+
+def _pump(source: Any, sink: Any) -> None:
+    """Copy bytes one way until either side closes."""
+    try:
+        while True:
+            data = source.recv(65536)
+            if not data:
+                break
+            sink.sendall(data)
+    except (OSError, EOFError, paramiko.SSHException):
+        pass  # one side went away: close both below
+    for end in (source, sink):
+        try:
+            end.close()
+        except (OSError, EOFError):
+            pass

@@ -249,15 +249,20 @@ class Worker:
     # -- running tasks ------------------------------------------------------------
 
     def _start_tasks(self) -> None:
-        """Start a batch of queued tasks: about START_BATCH_SECONDS of work,
-        and only when nothing else is ready, so queued tasks stay cancellable."""
+        """Start a batch of queued tasks: about START_BATCH_SECONDS of work
+        by each function's recent durations (a function not yet seen here
+        counts as a whole batch), and only when nothing else is ready, so
+        that queued tasks stay where the broker can still take them back."""
         if not self.queue or self.hub.ready:
             return
-        count = 1
-        if self.ewma is not None:
-            count = max(1, min(len(self.queue), int(START_BATCH_SECONDS / max(self.ewma, 1e-6))))
-        batch = [self.queue.popitem(last=False)[1] for _ in range(min(count, len(self.queue)))]
         durations = self.durations
+        queue = self.queue
+        batch = []
+        planned = 0.0
+        while queue and planned < START_BATCH_SECONDS:
+            record = queue.popitem(last=False)[1]
+            batch.append(record)
+            planned += durations.get(record.fn, START_BATCH_SECONDS)
         announce = [r.task_id for r in batch if durations.get(r.fn, QUICK_SECONDS) >= QUICK_SECONDS]
         if announce:
             self._send(p.Started(announce))

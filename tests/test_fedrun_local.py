@@ -153,3 +153,28 @@ def test_a_port_that_cannot_be_bound(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"fedrun: {HOST}: the broker did not start: ")
     assert f"cannot bind BROKER_ADDRESS=tcp://127.0.0.1:{port}" in last
+
+
+@pytest.mark.parametrize("argv, own, program", [
+    (["-N", "4", "prog.py", "--size", "10"], ["-N", "4"], ["prog.py", "--size", "10"]),
+    (["--hosts", "a", "b", "prog.py", "-v"], ["--hosts", "a", "b"], ["prog.py", "-v"]),
+    (["--hosts", "a", "b", "--", "./tool", "x"], ["--hosts", "a", "b"], ["./tool", "x"]),
+    (["-v", "-m", "pkg.main", "--hosts", "x"], ["-v", "-m", "pkg.main"], ["--hosts", "x"]),
+    (["--module=pkg.main", "a"], ["--module=pkg.main"], ["a"]),
+    (["--env", "A=1", "--path=/w", "prog.py"], ["--env", "A=1", "--path=/w"], ["prog.py"]),
+    (["--pythonpath", "lib", "src", "-N", "2", "run.py"], ["--pythonpath", "lib", "src", "-N", "2"], ["run.py"]),
+])
+def test_where_the_program_starts(argv, own, program):
+    from futurefed.launch.__main__ import split_argv
+
+    assert split_argv(argv) == (own, program)
+
+
+def test_program_options_are_the_programs(tmp_path):
+    program = "import sys\nprint(sys.argv[1:])\n"
+    result = subprocess.run(
+        fedrun(["-N", "1"], program, tmp_path) + ["--size", "10", "-v"],
+        capture_output=True, text=True, timeout=GUARD,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['--size', '10', '-v']"

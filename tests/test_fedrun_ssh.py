@@ -328,5 +328,5 @@ def test_tunnel_needs_ssh(tmp_path):
         [FEDRUN_PYTHON, FEDRUN, "-N", "1", "--tunnel", program], capture_output=True, text=True,
         timeout=GUARD,
     )
-    assert result.returncode == 1
-    assert "--tunnel needs hosts reached by ssh" in result.stderr
+    assert result.returncode == 2
+    assert result.stderr == "fedrun: --tunnel needs hosts reached by ssh\n"

@@ -115,8 +115,7 @@ def parser() -> argparse.ArgumentParser:
 
 def _program(args: argparse.Namespace) -> List[str]:
     if args.module:
-        rest = ([args.program] if args.program else []) + args.args
-        return [sys.executable, "-m", args.module, *rest]
+        return [sys.executable, "-m", args.module, *args.args]
     if not args.program:
         raise ConfigError("give a PROGRAM to run (or -m MODULE)")
     program = args.program
@@ -171,6 +170,12 @@ def build(args: argparse.Namespace) -> Tuple[List[Channel], List[hostlist.Host],
     if args.launcher == "srun" and kind != "slurm" and "SLURM_JOB_ID" not in os.environ:
         raise ConfigError("--launcher srun works only inside a SLURM allocation")
     default_external, external = _external(args.external_hostname)
+    if kind != "local" and default_external is not None:
+        raise ConfigError(
+            f"--external-hostname {default_external!r}: with hosts, say which one (HOST=ADDRESS)"
+        )
+    if args.tunnel and (kind == "local" or args.launcher != "ssh"):
+        raise ConfigError("--tunnel needs hosts reached by ssh")
     if kind == "local":
         channel = LocalChannel(socket.gethostname())
         channel.advertise = default_external
@@ -182,7 +187,12 @@ def build(args: argparse.Namespace) -> Tuple[List[Channel], List[hostlist.Host],
             channel.advertise = external.get(host.name, host.name)
             channels.append(channel)
     else:
-        from .ssh import SshChannel, SshOptions
+        try:
+            from .ssh import SshChannel, SshOptions
+        except ImportError as exc:
+            raise ConfigError(
+                f"ssh hosts need paramiko ({exc}): pip install 'futurefed[ssh]'"
+            ) from None
 
         options = SshOptions(
             config_file=args.ssh_config, known_hosts=args.known_hosts, identity=args.identity,
@@ -195,22 +205,52 @@ def build(args: argparse.Namespace) -> Tuple[List[Channel], List[hostlist.Host],
     return channels, hosts, "*"
 
 
-def _split_hosts(args: argparse.Namespace) -> None:
-    """``--hosts a b prog.py x`` reads prog.py and x as hosts: the first
-    item that is a file (or ends in .py) starts the program instead."""
-    if args.program is not None or args.module or not args.hosts:
-        return
-    for index, item in enumerate(args.hosts):
-        if item.endswith(".py") or os.path.isfile(item):
-            args.program, args.args = item, args.hosts[index + 1:] + args.args
-            args.hosts = args.hosts[:index]
-            return
+#: fedrun's options that take one value, and those that take a list.
+_VALUE_OPTIONS = {
+    "--hostfile", "-N", "-n", "--workers", "--launcher", "--python-interpreter", "--path",
+    "--prolog", "--env", "--nice", "--external-hostname", "--broker-port", "--ssh-config",
+    "--known-hosts", "-i", "--identity", "--connect-timeout", "--log-dir",
+}
+_LIST_OPTIONS = {"--hosts", "--pythonpath"}
+
+
+def split_argv(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """(fedrun's own arguments, the program and its arguments).
+
+    The program starts at ``--``, after ``-m MODULE``, or at the first
+    positional argument; within ``--hosts``/``--pythonpath`` lists, at the
+    first item that is a file or ends in ``.py``. Everything after it is
+    the program's, options included.
+    """
+    argv = list(argv)
+    index, in_list = 0, False
+    while index < len(argv):
+        token = argv[index]
+        if token == "--":
+            return argv[:index], argv[index + 1:]
+        if token.startswith("-") and token != "-":
+            name, has_value = token.split("=", 1)[0], "=" in token
+            in_list = name in _LIST_OPTIONS and not has_value
+            if name in ("-m", "--module"):
+                end = index + (1 if has_value else 2)
+                return argv[:end], argv[end:]
+            index += 2 if name in _VALUE_OPTIONS and not has_value else 1
+            continue
+        if in_list and not (token.endswith(".py") or os.path.isfile(token)):
+            index += 1
+            continue
+        return argv[:index], argv[index:]
+    return argv, []
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     cli = parser()
-    args = cli.parse_args(argv)
-    _split_hosts(args)
+    own, program_argv = split_argv(sys.argv[1:] if argv is None else argv)
+    args = cli.parse_args(own)
+    if program_argv and not args.module:
+        args.program, args.args = program_argv[0], program_argv[1:]
+    else:
+        args.program, args.args = None, program_argv
     try:
         program = _program(args)
         env = _env(args.env)
@@ -233,8 +273,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     pythonpath = args.pythonpath
     if pythonpath is None:
         pythonpath = [os.path.dirname(os.path.abspath(program[1 if program[0] == sys.executable else 0]))]
-    remote_env = {
-        **env,
+    remote_env = {  # the user's --env goes to the agents over stdin, not here
         "PYTHONPATH": os.pathsep.join([*map(os.path.abspath, pythonpath), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
     }
 

@@ -36,12 +36,14 @@ class AgentCommand:
 
     def shell(self) -> str:
         """One POSIX shell command line (for ssh, where the environment of
-        the connection cannot be set reliably: sshd drops most of it)."""
+        the connection cannot be set reliably: sshd drops most of it). Only
+        PYTHONPATH goes here; what the user's --env sets travels over the
+        agent's stdin, never on a command line."""
         parts = []
         if self.workdir:
             parts.append(f"cd {shlex.quote(self.workdir)}")
         if self.prolog:
-            parts.append(f". {shlex.quote(self.prolog)}")
+            parts.append(f". {shlex.quote(_sourceable(self.prolog))}")
         assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env.items())
         command = " ".join(shlex.quote(arg) for arg in self.argv())
         parts.append(f"exec env {assignments} {command}" if assignments else f"exec {command}")
@@ -115,9 +117,11 @@ class LocalChannel(Channel):
 
     def open(self, command: AgentCommand) -> None:
         env = {**os.environ, **command.env}
-        argv = self.prefix + command.argv()
-        if command.prolog:
-            argv = ["/bin/sh", "-c", f'. "$0" && exec "$@"', command.prolog, *argv]
+        argv = command.argv()
+        if command.prolog:  # sourced where the agent runs (after srun, if any)
+            prolog = _sourceable(command.prolog)
+            argv = ["/bin/sh", "-c", '. "$0" && exec "$@"', prolog, *argv]
+        argv = self.prefix + argv
         try:
             self.process = subprocess.Popen(
                 argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -151,6 +155,12 @@ class LocalChannel(Channel):
             for stream in (self.process.stdout, self.process.stderr):
                 if stream is not None:
                     stream.close()
+
+
+def _sourceable(path: str) -> str:
+    """``path`` as the shell's ``.`` finds it: a bare name would be looked
+    up in PATH, so a relative path gets ``./``."""
+    return path if "/" in path else f"./{path}"
 
 
 def srun_channel(host: str, extra: Optional[List[str]] = None) -> LocalChannel:

@@ -76,6 +76,7 @@ class _Agent:
         self.last_heard = time.monotonic()
         self.ended = False
         self.lost = False  # silent too long: not waited for at the end
+        self.opened = False  # its agent was started
         self.workers = 0
 
 
@@ -102,6 +103,7 @@ class Session:
         self.failed = threading.Event()
         self.stopping = False
         self.origin: Optional["subprocess.Popen[bytes]"] = None
+        self._wake = threading.Event()  # the program ended, or the session failed
 
     # -- output --------------------------------------------------------------------------
 
@@ -170,7 +172,7 @@ class Session:
         tail = [line for line in agent.channel.stderr_tail if line.strip()]
         last = tail[-1] if tail else ""
         if agent.ready is None:
-            if status == 127 or "not found" in last:
+            if status == 127:
                 return f"cannot run the host's Python ({last or 'exit status 127'})"
             if "No module named" in last and "futurefed" in last:
                 return f"futurefed is not installed for the host's Python ({last})"
@@ -191,7 +193,7 @@ class Session:
         log = self.logs.get(name)
         if log is None:
             path = os.path.join(self.plan.log_dir or ".", f"{_safe(name)}.log")
-            log = self.logs[name] = open(path, "a", encoding="utf-8")
+            log = self.logs[name] = open(path, "w", encoding="utf-8")
         return log
 
     def _child_exited(self, agent: _Agent, rest: str) -> None:
@@ -208,9 +210,7 @@ class Session:
         if self.failure is None:
             self.failure = reason
         self.failed.set()
-        origin = self.origin
-        if origin is not None and origin.poll() is None:
-            origin.send_signal(signal.SIGTERM)
+        self._wake.set()
 
     # -- heartbeats ------------------------------------------------------------------------
 
@@ -232,6 +232,7 @@ class Session:
 
     def _open(self, agent: _Agent) -> None:
         agent.channel.open(self.command(agent.channel))
+        agent.opened = True
         threading.Thread(target=self._read, args=(agent,), daemon=True).start()
         with agent.changed:
             agent.changed.wait_for(
@@ -329,18 +330,27 @@ class Session:
             "BROKER_NAME": self.agents[0].channel.label, "WORKER_NAME": "origin",
         }
         try:
-            self.origin = subprocess.Popen(list(self.plan.program), env=env)
+            self.origin = subprocess.Popen(
+                list(self.plan.program), env=env, preexec_fn=_die_with_parent
+            )
         except OSError as exc:
             raise SessionError(f"cannot run {self.plan.program[0]}: {exc.strerror}") from None
-        ended = threading.Event()
-        threading.Thread(target=lambda: (self.origin.wait(), ended.set()), daemon=True).start()  # type: ignore[union-attr]
+        origin = self.origin
+        threading.Thread(target=lambda: (origin.wait(), self._wake.set()), daemon=True).start()
         try:
-            while not ended.wait(3600):
+            while not self._wake.wait(3600):
                 pass
         except KeyboardInterrupt:
-            self._interrupt_origin(signal.SIGINT)
+            # A Ctrl-C at the terminal reached the program too: give it time
+            # to end on its own before asking again.
+            try:
+                origin.wait(ORIGIN_GRACE / 5)
+            except subprocess.TimeoutExpired:
+                self._interrupt_origin(signal.SIGINT)
             raise
-        status = self.origin.returncode
+        if origin.poll() is None:  # woken by a failure: stop the program
+            self._interrupt_origin(signal.SIGTERM)
+        status = origin.returncode
         return 128 - status if status < 0 else status
 
     def _interrupt_origin(self, sig: int) -> None:
@@ -402,6 +412,8 @@ class Session:
             agent.channel.close_input()
         deadline = time.monotonic() + STOP_TIMEOUT
         for agent in self.agents:
+            if not agent.opened:
+                continue
             if agent.lost:  # its agent stops on its own once it hears nothing
                 agent.channel.kill()
             elif agent.channel.wait(max(0.0, deadline - time.monotonic())) is None:
@@ -410,6 +422,18 @@ class Session:
             agent.channel.close()
         for log in self.logs.values():
             log.close()
+
+
+def _die_with_parent() -> None:
+    """In the program's process: get SIGTERM if fedrun dies, even by SIGKILL
+    (Linux; elsewhere the heartbeats end it: its broker falls silent)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux
 
 
 class _Terminated(BaseException):

@@ -8,8 +8,10 @@ known_hosts; an unknown key is refused unless ``accept_unknown`` is set.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import sys
 import threading
 from dataclasses import dataclass
 from typing import IO, Any, List, Optional
@@ -20,6 +22,24 @@ from ..hosts import Host
 from .channels import AgentCommand, Channel, LaunchError
 
 __all__ = ["SshChannel", "SshOptions"]
+
+SYSTEM_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
+
+# paramiko logs failed handshakes with whole tracebacks; fedrun says it in one line.
+logging.getLogger("paramiko").setLevel(logging.CRITICAL)
+
+
+class _AcceptUnknown(paramiko.MissingHostKeyPolicy):
+    """--accept-unknown-hosts: use an unknown key, and say so."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        print(
+            f"fedrun: {self.label}: accepting the unknown {key.get_name()} host key of {hostname}"
+            f" (fingerprint {key.fingerprint})", file=sys.stderr, flush=True,
+        )
 
 
 @dataclass
@@ -71,13 +91,14 @@ class SshChannel(Channel):
         known = (
             self.options.known_hosts or self.known_hosts or os.path.expanduser("~/.ssh/known_hosts")
         )
-        if os.path.exists(known):
-            try:
-                client.load_host_keys(known)
-            except (OSError, paramiko.SSHException) as exc:
-                raise LaunchError(f"{self.label}: cannot read known hosts {known}: {exc}") from None
+        for path, load in ((SYSTEM_KNOWN_HOSTS, client.load_system_host_keys), (known, client.load_host_keys)):
+            if os.path.exists(path):
+                try:
+                    load(path)
+                except (OSError, paramiko.SSHException) as exc:
+                    raise LaunchError(f"{self.label}: cannot read known hosts {path}: {exc}") from None
         client.set_missing_host_key_policy(
-            paramiko.WarningPolicy() if self.options.accept_unknown else paramiko.RejectPolicy()
+            _AcceptUnknown(self.label) if self.options.accept_unknown else paramiko.RejectPolicy()
         )
         where = f"{self.user + '@' if self.user else ''}{self.hostname}:{self.port}"
         try:

@@ -19,6 +19,7 @@ from .errors import (
     InitializerFailed,
     RemoteTraceback,
     SerializationError,
+    WorkerLost,
 )
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ __all__ = [
     "InitializerFailed",
     "RemoteTraceback",
     "SerializationError",
+    "WorkerLost",
     "__version__",
 ]
 

@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import weakref
 from collections import deque
 from concurrent import futures
@@ -35,6 +36,10 @@ logger = logging.getLogger(__name__)
 
 MAX_DRAIN = 512
 POLL_SECONDS = 1.0
+#: We send HEARTBEAT after this long without sending; the broker is lost
+#: after LIVENESS of these without a word from it.
+HEARTBEAT = 1.0
+LIVENESS = 3
 
 _SUBMIT, _CANCEL, _STOP = range(3)
 
@@ -60,6 +65,7 @@ class Agent(threading.Thread):
         *,
         federation: Any = None,
         context: Optional[zmq.Context] = None,  # type: ignore[type-arg]
+        heartbeat: float = HEARTBEAT,
     ) -> None:
         super().__init__(name="futurefed-agent", daemon=True)
         self.address = address
@@ -77,6 +83,8 @@ class Agent(threading.Thread):
         self._wake_tx.connect(self._wake_address)
         self._stopping = False
         self._ended = False
+        self._last_sent = self._last_heard = time.monotonic()
+        self.heartbeat = heartbeat
         # Threads in cancel() wait on this for the broker's answer.
         self._cancel_answered = threading.Condition()
         self._cancel_waiters = 0
@@ -178,7 +186,7 @@ class Agent(threading.Thread):
         poller.register(wake_rx, zmq.POLLIN)
         poller.register(self._dealer, zmq.POLLIN)
         while True:
-            events = dict(poller.poll(POLL_SECONDS * 1000))
+            events = dict(poller.poll(min(POLL_SECONDS, self.heartbeat) * 1000))
             if wake_rx in events:
                 # Drain, then re-arm, under the lock: a command queued after
                 # this sends a fresh wake-up; one queued before is taken below.
@@ -193,6 +201,18 @@ class Agent(threading.Thread):
                 with self._cancel_answered:
                     self._cancel_answered.notify_all()
             if self._stopping and not self.pending:
+                return
+            now = time.monotonic()
+            if now - self._last_sent >= self.heartbeat:
+                self._send(p.Heartbeat())
+            silent = now - self._last_heard
+            # a broker we joined has answered (the executor waited for it); an
+            # embedded one was up before we started
+            known = self.answered.is_set() or self.federation is not None
+            if known and silent > LIVENESS * self.heartbeat:
+                self._break(FederationLost(
+                    f"the broker at {self.address} has been silent for {silent:.1f} s"
+                ))
                 return
 
     def _take_commands(self) -> None:
@@ -229,6 +249,7 @@ class Agent(threading.Thread):
 
     def _drain(self) -> None:
         for frames in drain(self._dealer, MAX_DRAIN):
+            self._last_heard = time.monotonic()  # a message, not just a wake-up
             try:
                 p.dispatch(frames, self._handlers, "an origin")
             except RemoteProtocolError as exc:
@@ -236,6 +257,7 @@ class Agent(threading.Thread):
 
     def _send(self, message: p.Message) -> None:
         self._dealer.send_multipart(p.encode(message), copy=False)
+        self._last_sent = time.monotonic()
 
     # -- messages from the broker ------------------------------------------------------
 

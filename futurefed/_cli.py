@@ -24,6 +24,10 @@ _EPILOG = """environment (flags win over these):
   BROKER_NAME       the broker's name (default: broker)
   WORKER_NAME       a worker's name (default: origin)
   IS_ORIGIN         1 in the process that runs the user's program (default 1)
+  FUTUREFED_HEARTBEAT    seconds between heartbeats; a peer silent for 3 of
+                         them is lost (default 1)
+  FUTUREFED_MAX_RETRIES  how many times a task whose worker was lost runs
+                         again before it fails with WorkerLost (default 3)
 """
 
 

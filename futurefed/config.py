@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Mapping, Optional, Tuple
+from typing import Any, Mapping, Optional, Tuple
 
 from .errors import ConfigError
 
-__all__ = ["Environment", "check_address", "meta_address_for", "from_environ"]
+__all__ = ["Environment", "check_address", "from_environ", "heartbeat_from_environ", "meta_address_for"]
 
 DEFAULT_BROKER_ADDRESS = "tcp://127.0.0.1:5555"
 DEFAULT_META_ADDRESS = "tcp://127.0.0.1:5556"
@@ -81,6 +81,11 @@ class Environment:
     meta_addresses: Tuple[str, ...] = ()
     #: True when BROKER_ADDRESS was set, i.e. a federation is configured.
     configured: bool = False
+    #: FUTUREFED_HEARTBEAT: seconds between heartbeats; a peer silent for
+    #: three of them is lost.
+    heartbeat: float = 1.0
+    #: FUTUREFED_MAX_RETRIES: runs of a task whose worker was lost, beyond the first.
+    max_retries: int = 3
 
 
 def from_environ(environ: Optional[Mapping[str, str]] = None) -> Environment:
@@ -114,4 +119,24 @@ def from_environ(environ: Optional[Mapping[str, str]] = None) -> Environment:
         broker_addresses=broker_addresses,
         meta_addresses=meta_addresses,
         configured=bool(env.get("BROKER_ADDRESS")),
+        heartbeat=_number(env, "FUTUREFED_HEARTBEAT", 1.0, float, low=0.01),
+        max_retries=_number(env, "FUTUREFED_MAX_RETRIES", 3, int, low=0),
     )
+
+
+def heartbeat_from_environ(environ: Optional[Mapping[str, str]] = None) -> float:
+    """FUTUREFED_HEARTBEAT alone (for an origin that joins by address)."""
+    return float(_number(os.environ if environ is None else environ, "FUTUREFED_HEARTBEAT", 1.0, float, low=0.01))
+
+
+def _number(environ: Mapping[str, str], name: str, default: Any, kind: Any, low: float) -> Any:
+    raw = environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = kind(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a {kind.__name__}") from None
+    if not value >= low:  # also rejects nan
+        raise ConfigError(f"{name}={raw!r} must be at least {low}")
+    return value

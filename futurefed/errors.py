@@ -10,6 +10,7 @@ Our exception hierarchy::
     ├── SerializationError (pickle.PicklingError)
     │                                     an argument, result or exception that
     │                                     cannot cross the wire
+    ├── WorkerLost                        a task's worker was lost each time it ran
     └── BrokenFederation (concurrent.futures.BrokenExecutor)
         ├── InitializerFailed             the executor's initializer raised in a worker
         └── FederationLost                the origin's broker went away
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import pickle
+from typing import Optional
 
 __all__ = [
     "BrokenFederation",
@@ -38,6 +40,7 @@ __all__ = [
     "RemoteProtocolError",
     "RemoteTraceback",
     "SerializationError",
+    "WorkerLost",
 ]
 
 
@@ -80,6 +83,17 @@ class InitializerFailed(BrokenFederation):
 
 class FederationLost(BrokenFederation):
     """The origin lost its broker, so nothing it submitted can complete."""
+
+
+class WorkerLost(FutureFedError):
+    """A task's worker was lost (it died, hung, or its host dropped off)
+    each time the task ran, ``max_retries + 1`` times in all; the attributes
+    describe the last one."""
+
+    def __init__(self, message: str, host: str = "?", worker: str = "?", pid: Optional[int] = None,
+                 reason: str = "") -> None:
+        super().__init__(message)
+        self.host, self.worker, self.pid, self.reason = host, worker, pid, reason
 
 
 class RemoteTraceback(Exception):

@@ -175,7 +175,8 @@ class FederatedExecutor(futures.Executor):
 
                 federation = LocalFederation(max_workers or os.cpu_count() or 1)
                 address = federation.address
-        agent = Agent(address, self._shared, federation=federation)
+        agent = Agent(address, self._shared, federation=federation,
+                      heartbeat=config.heartbeat_from_environ())
         agent.start()
         _live_agents.add(agent)
         self._watch = watch_executor(self, agent)

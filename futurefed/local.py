@@ -9,10 +9,12 @@ write end stays in this process: when this process exits, however it dies
 from __future__ import annotations
 
 import json
+import logging
 import os
 import select
 import subprocess
 import sys
+import threading
 import time
 from typing import Dict, List, Optional
 
@@ -22,6 +24,11 @@ __all__ = ["LocalFederation"]
 
 START_TIMEOUT = 60.0  # deadlock guard: a broker binds loopback in well under a second
 STOP_TIMEOUT = 5.0
+#: Dead workers replaced in the life of one federation, at most (a task
+#: that kills every worker fails with WorkerLost long before this).
+MAX_REPLACEMENTS = 1000
+
+logger = logging.getLogger(__name__)
 
 
 def child_environment(extra: Dict[str, str]) -> Dict[str, str]:
@@ -37,10 +44,15 @@ def child_environment(extra: Dict[str, str]) -> Dict[str, str]:
 
 
 class LocalFederation:
-    """Processes of an embedded federation; :meth:`close` ends them."""
+    """Processes of an embedded federation; :meth:`close` ends them. A
+    worker that dies is replaced, so the pool keeps its size."""
 
     def __init__(self, workers: int, *, python: str = sys.executable) -> None:
         self.processes: List[subprocess.Popen] = []  # type: ignore[type-arg]
+        self.replaced = 0
+        self._closing = threading.Event()
+        self._replacing = threading.Lock()
+        self._python = python
         lifeline_r, self._lifeline_w = os.pipe()
         ready_r, ready_w = os.pipe()
         try:
@@ -54,31 +66,60 @@ class LocalFederation:
             self.processes.append(broker)
             os.close(ready_w)
             ready_w = -1
-            self.address = self._read_address(ready_r, broker)
+            self.address, self.meta_address = self._read_address(ready_r, broker)
+            self._name = name
+            # kept open for replacements; closed with the write end in close()
+            self._lifeline_r = lifeline_r
+            lifeline_r = -1
             for index in range(workers):
-                worker_name = f"{name}.w{index}"
-                self.processes.append(subprocess.Popen(
-                    [python, "-m", "futurefed.worker", "--address", self.address,
-                     "--name", worker_name, "--lifeline", str(lifeline_r)],
-                    pass_fds=(lifeline_r,),
-                    env=child_environment({
-                        "IS_ORIGIN": "0",
-                        "WORKER_NAME": worker_name,
-                        "BROKER_NAME": name,
-                        "BROKER_ADDRESS": self.address,
-                    }),
-                ))
+                self._start_worker(index)
         except BaseException:
             self.close()
             raise
         finally:
-            os.close(lifeline_r)
+            if lifeline_r != -1:
+                os.close(lifeline_r)
             os.close(ready_r)
             if ready_w != -1:
                 os.close(ready_w)
 
+    def _start_worker(self, index: int) -> None:
+        worker_name = f"{self._name}.w{index}"
+        process = subprocess.Popen(
+            [self._python, "-m", "futurefed.worker", "--address", self.address,
+             "--name", worker_name, "--lifeline", str(self._lifeline_r)],
+            pass_fds=(self._lifeline_r,),
+            env=child_environment({
+                "IS_ORIGIN": "0",
+                "WORKER_NAME": worker_name,
+                "BROKER_NAME": self._name,
+                "BROKER_ADDRESS": self.address,
+            }),
+        )
+        self.processes.append(process)
+        threading.Thread(
+            target=self._replace_when_gone, args=(index, process), name=f"watch-{worker_name}",
+            daemon=True,
+        ).start()
+
+    def _replace_when_gone(self, index: int, process: "subprocess.Popen[bytes]") -> None:
+        status = process.wait()
+        if self._closing.is_set() or self.processes[0].poll() is not None:
+            return  # closing, or the broker is gone: nothing to replace it for
+        with self._replacing:
+            if self._closing.is_set():
+                return
+            if self.replaced >= MAX_REPLACEMENTS:
+                logger.error("worker %d exited with status %d; not replaced: %d replaced already",
+                             index, status, self.replaced)
+                return
+            self.replaced += 1
+            logger.warning("worker %d exited with status %d; starting another", index, status)
+            self._start_worker(index)
+
     @staticmethod
-    def _read_address(ready_r: int, broker: "subprocess.Popen[bytes]") -> str:
+    def _read_address(ready_r: int, broker: "subprocess.Popen[bytes]") -> "tuple[str, str]":
+        """The broker's task and meta addresses, from its ready line."""
         deadline = time.monotonic() + START_TIMEOUT
         data = b""
         while not data.endswith(b"\n"):
@@ -92,13 +133,19 @@ class LocalFederation:
                     f"the local broker exited with status {broker.wait()} before it was ready"
                 )
             data += chunk
-        return str(json.loads(data)["task"])
+        ready = json.loads(data)
+        return str(ready["task"]), str(ready["meta"])
 
     def close(self, timeout: float = STOP_TIMEOUT) -> None:
         """End every process: close the lifeline, wait, then kill stragglers."""
-        if self._lifeline_w != -1:
-            os.close(self._lifeline_w)
-            self._lifeline_w = -1
+        self._closing.set()
+        with self._replacing:
+            if self._lifeline_w != -1:
+                os.close(self._lifeline_w)
+                self._lifeline_w = -1
+            if getattr(self, "_lifeline_r", -1) != -1:
+                os.close(self._lifeline_r)
+                self._lifeline_r = -1
         deadline = time.monotonic() + timeout
         for process in self.processes:
             try:

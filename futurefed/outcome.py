@@ -3,6 +3,7 @@ and settling a future from the result record that comes back."""
 
 from __future__ import annotations
 
+import json
 import logging
 from concurrent import futures
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -10,7 +11,13 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 from . import protocol as p
 from . import serialize
 from ._future import TaskFuture
-from .errors import InitializerFailed, RemoteProtocolError, RemoteTraceback, SerializationError
+from .errors import (
+    InitializerFailed,
+    RemoteProtocolError,
+    RemoteTraceback,
+    SerializationError,
+    WorkerLost,
+)
 
 __all__ = ["ChunkResult", "resolve_future", "run_call", "run_chunk", "chunk_results"]
 
@@ -62,6 +69,25 @@ def initializer_failure(frames: Sequence[Any]) -> InitializerFailed:
     return broken
 
 
+def worker_lost(frames: Sequence[Any]) -> WorkerLost:
+    """The WorkerLost of a LOST record (a JSON frame from the broker)."""
+    try:
+        info = json.loads(bytes(frames[0]))
+        if not isinstance(info, dict):
+            raise ValueError("not an object")
+    except (IndexError, ValueError, TypeError):
+        info = {}
+    host, worker = str(info.get("host", "?")), str(info.get("worker", "?"))
+    pid = info.get("pid") if isinstance(info.get("pid"), int) else None
+    reason = str(info.get("reason", ""))
+    attempts = info.get("attempts", "?")
+    message = (
+        f"the task's worker was lost each of the {attempts} times it ran; the last was"
+        f" {worker} on {host} (pid {pid}): {reason}"
+    )
+    return WorkerLost(message, host=host, worker=worker, pid=pid, reason=reason)
+
+
 def resolve_future(future: TaskFuture, record: p.ResultRecord) -> None:
     """Settle ``future`` from a result record (INIT_FAILED is the caller's
     business: it breaks the whole executor)."""
@@ -77,6 +103,8 @@ def resolve_future(future: TaskFuture, record: p.ResultRecord) -> None:
             future.confirm_cancel()
         elif status is p.Status.INIT_FAILED:
             future.set_exception(initializer_failure(record.frames))
+        elif status is p.Status.LOST:
+            future.set_exception(worker_lost(record.frames))
         else:
             reason = bytes(record.frames[0]).decode(errors="replace") if record.frames else ""
             future.set_exception(RemoteProtocolError(f"the broker rejected the task: {reason}"))

@@ -102,6 +102,7 @@ class Status(enum.IntEnum):
     CANCELLED = 2  # no payload: dropped before it started
     INIT_FAILED = 3  # payload: the initializer's pickled exception
     REJECTED = 4  # payload: one UTF-8 frame, why the broker could not run it
+    LOST = 5  # payload: one JSON frame, the worker lost while running it (max_retries times)
 
 
 def _as_bytes(frame: Frame) -> bytes:

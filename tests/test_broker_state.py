@@ -23,6 +23,7 @@ FN2 = b"G" * p.DIGEST_SIZE
 INIT = b"I" * p.DIGEST_SIZE
 UNKNOWN = b"?" * p.DIGEST_SIZE
 BLOBS = {FN: b"fn-blob", FN2: b"fn2-blob", INIT: b"init-blob"}
+NO_HEARTBEAT = 1e9  # seconds: no peer is ever heartbeaten nor lost
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -33,11 +34,14 @@ pytestmark = pytest.mark.timeout(120)
 class Broker:
     """A BrokerState plus helpers that speak in messages, not frames."""
 
-    def __init__(self, name="test-broker"):
+    def __init__(self, name="test-broker", heartbeat=NO_HEARTBEAT, max_retries=3):
         # A clock that moves only when told: revocation of stranded tasks
-        # (REVOKE_AFTER) must not depend on how fast the test runs.
+        # (REVOKE_AFTER) must not depend on how fast the test runs. Heartbeats
+        # are off unless a test is about them.
         self.now = 1000.0
-        self.state = BrokerState(name, clock=lambda: self.now)
+        self.state = BrokerState(
+            name, clock=lambda: self.now, heartbeat=heartbeat, max_retries=max_retries
+        )
 
     def tick(self, seconds):
         self.now += seconds
@@ -1003,7 +1007,7 @@ class BrokerMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         self.now = 0.0
-        self.state = BrokerState("fuzz", clock=lambda: self.now)
+        self.state = BrokerState("fuzz", clock=lambda: self.now, heartbeat=NO_HEARTBEAT)
         self.origins = {i: OriginSim() for i in ORIGINS}
         self.workers = {i: WorkerSim() for i in WORKERS}
         self.known_blobs = set()  # digests the broker has been given

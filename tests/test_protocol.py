@@ -339,7 +339,7 @@ HOSTILE = [
     ("results-claims-2**32-1-frames", [H(p.Command.RESULTS), results_index(1, [(1, 0, 2**32 - 1)])]),
     ("results-stray-trailing-frame", [H(p.Command.RESULTS), results_index(1, [(1, 0, 1)]), b"v", b"x"]),
     ("results-empty-stray-frame", [H(p.Command.RESULTS), results_index(0), b"x"]),
-    ("results-unknown-status-5", [H(p.Command.RESULTS), results_index(1, [(1, 5, 1)]), b"v"]),
+    ("results-unknown-status-6", [H(p.Command.RESULTS), results_index(1, [(1, 6, 1)]), b"v"]),
     ("results-unknown-status-255", [H(p.Command.RESULTS), results_index(1, [(1, 255, 0)])]),
     (
         "results-second-record-unknown-status",

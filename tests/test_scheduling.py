@@ -35,7 +35,7 @@ def messages_to(out, ident):
 
 def test_stranded_task_is_revoked_and_runs_on_the_idle_worker():
     clock = FakeClock()
-    state = BrokerState(clock=clock)
+    state = BrokerState(clock=clock, heartbeat=1e9)
     for ident, role in ((b"O", "origin"), (b"A", "worker"), (b"B", "worker")):
         send(state, ident, p.Hello({"role": role, "name": ident.decode()}))
     send(state, b"A", p.Credit(2))
@@ -63,7 +63,7 @@ def test_stranded_task_is_revoked_and_runs_on_the_idle_worker():
 
 def test_task_that_ran_on_both_workers_is_delivered_once():
     clock = FakeClock()
-    state = BrokerState(clock=clock)
+    state = BrokerState(clock=clock, heartbeat=1e9)
     for ident, role in ((b"O", "origin"), (b"A", "worker"), (b"B", "worker")):
         send(state, ident, p.Hello({"role": role}))
     send(state, b"A", p.Credit(2))

@@ -56,6 +56,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     broker = Broker(
         address, args.name or env.broker_name, meta_address=meta, peers=peers,
         advertise=args.advertise, lifeline=args.lifeline, ready_fd=args.ready_fd,
+        heartbeat=env.heartbeat, max_retries=env.max_retries,
     )
     try:
         broker.bind()

@@ -103,6 +103,8 @@ class Broker:
         meta_address: Optional[str] = None,
         peers: Sequence[Tuple[str, Optional[str]]] = (),
         advertise: Optional[str] = None,
+        heartbeat: float = 1.0,
+        max_retries: int = 3,
         lifeline: Optional[int] = None,
         ready_fd: Optional[int] = None,
         context: Optional[zmq.Context] = None,  # type: ignore[type-arg]
@@ -115,7 +117,10 @@ class Broker:
         self.lifeline = lifeline
         self.ready_fd = ready_fd
         self.ctx = context or zmq.Context.instance()
-        self.state = BrokerState(name, identity={"host": socket.gethostname(), "pid": os.getpid()})
+        self.state = BrokerState(
+            name, identity={"host": socket.gethostname(), "pid": os.getpid()},
+            heartbeat=heartbeat, max_retries=max_retries,
+        )
         self.router: Any = None
         self.publisher: Any = None
         self.subscriber: Any = None
@@ -221,9 +226,15 @@ class Broker:
 
     def _publish(self, now: float) -> Optional[float]:
         """Publish LOAD if due; seconds until the next one may be due."""
+        since = now - self._published_at
+        if not self.state.brokers:  # nobody acts on our load: the steady beat will do
+            if since >= META_INTERVAL:
+                self.publisher.send_multipart(p.encode(p.Load(self.state.meta())))
+                self._published_at = now
+                return META_INTERVAL
+            return META_INTERVAL - since
         key = self.state.load_key()
         interval = self.state.publish_interval(META_INTERVAL)
-        since = now - self._published_at
         if since >= interval or (key != self._published_key and since >= META_MIN_INTERVAL):
             self.publisher.send_multipart(p.encode(p.Load(self.state.meta())))
             self._published_key, self._published_at = key, now
@@ -270,7 +281,7 @@ class Broker:
             found = state.take_new_brokers()
             if found:
                 self._connect_peers(poller, found)
-            timeout = min(POLL_SECONDS, self._publish(time.monotonic()))
+            timeout = min(POLL_SECONDS, state.heartbeat / 4, self._publish(time.monotonic()))
             check = state.next_check()
             if check is not None:
                 timeout = min(timeout, check)

@@ -24,6 +24,7 @@ we get arrives as if an origin had submitted it there.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import deque
@@ -50,6 +51,14 @@ REVOKE_AFTER = 0.05
 #: A request for work that a peer has not answered within this long is
 #: forgotten, so that we may ask again (the peer may be gone).
 BORROW_TIMEOUT = 1.0
+#: Seconds between heartbeats: a peer we have sent nothing to for this long
+#: gets a HEARTBEAT, and one we have heard nothing from for LIVENESS of them
+#: is lost.
+HEARTBEAT = 1.0
+LIVENESS = 3
+#: How many times a task whose worker was lost runs again before its future
+#: fails with WorkerLost.
+MAX_RETRIES = 3
 #: At most this many peers (and hosts) are read from or put in a LOAD message.
 MAX_PEERS = 256
 
@@ -67,9 +76,10 @@ class Peer:
         "ident", "role", "name", "host", "pid", "credit", "known", "inflight", "cancels",
         "task_address", "meta_address", "answer_due",
         "asked", "asked_at", "asked_seq", "got_nothing", "load", "load_seq",
+        "last_heard", "last_sent",
     )
 
-    def __init__(self, ident: bytes, meta: Dict[str, Any]) -> None:
+    def __init__(self, ident: bytes, meta: Dict[str, Any], now: float = 0.0) -> None:
         self.ident = ident
         self.role = str(meta.get("role"))
         self.name = str(meta.get("name", "?"))[:200]
@@ -92,6 +102,8 @@ class Peer:
         self.got_nothing = False  # our last request was answered with no task
         self.load: Dict[str, Any] = {}
         self.load_seq = -1
+        self.last_heard = now  # liveness: any message counts
+        self.last_sent = now
 
     def __repr__(self) -> str:
         return f"<{self.role} {self.name} on {self.host} pid {self.pid}>"
@@ -113,6 +125,7 @@ class QueuedTask:
     __slots__ = (
         "origin", "task_id", "fn", "init", "frames",
         "worker", "bid", "cancelled", "started", "done", "dispatched_at", "handed_out", "avoid",
+        "attempts",
     )
 
     def __init__(self, origin: bytes, record: p.TaskRecord) -> None:
@@ -129,6 +142,7 @@ class QueuedTask:
         self.dispatched_at = 0.0
         self.handed_out = False  # ever dispatched: its origin can no longer cancel it
         self.avoid: Optional[bytes] = None  # revoked from this worker: not back to it this turn
+        self.attempts = 0  # runs whose worker was lost
 
 
 class BrokerState:
@@ -142,9 +156,14 @@ class BrokerState:
         address: str = "",
         meta_address: str = "",
         identity: Optional[Dict[str, Any]] = None,
+        heartbeat: float = HEARTBEAT,
+        max_retries: int = MAX_RETRIES,
     ) -> None:
         self.name = name
         self.clock = clock
+        self.heartbeat = heartbeat
+        self.max_retries = max_retries
+        self._next_liveness = 0.0
         self.address = address  # our task socket, as peers should connect to it
         self.meta_address = meta_address
         self.identity = dict(identity or {})  # host and pid, for our HELLOs to peers
@@ -200,6 +219,8 @@ class BrokerState:
                 raise RemoteProtocolError(f"{message.command.name} is not for a broker")
             if message.command is not p.Command.HELLO and peer is None:
                 raise RemoteProtocolError(f"{message.command.name} before HELLO")
+            if peer is not None:
+                peer.last_heard = self.clock()
             handler(ident, message)
         except RemoteProtocolError as exc:
             logger.warning("dropped a message from %s: %s", self._describe(ident), exc)
@@ -214,7 +235,7 @@ class BrokerState:
             shown = repr(role)[:80]
             self._send(ident, p.Refuse(f"unknown role {shown}"))
             raise RemoteProtocolError(f"HELLO with unknown role {shown}")
-        peer = Peer(ident, message.meta)
+        peer = Peer(ident, message.meta, self.clock())
         if role == BROKER:
             if peer.task_address is None or peer.task_address == self.address:
                 self._send(ident, p.Refuse("a broker must name its own task address"))
@@ -318,7 +339,7 @@ class BrokerState:
 
     def add_link(self, ident: bytes, task: str, meta: Optional[str]) -> None:
         """Our DEALER ``ident`` now connects to the peer at ``task``: say HELLO."""
-        link = Peer(ident, {"role": LINK, "name": task, "task": task, "meta": meta})
+        link = Peer(ident, {"role": LINK, "name": task, "task": task, "meta": meta}, self.clock())
         self.peers[ident] = link
         self.links[task] = link
         self.brokers.setdefault(task, meta)
@@ -499,12 +520,50 @@ class BrokerState:
         record = p.ResultRecord(task.task_id, p.Status.REJECTED, [reason.encode()])
         self._results.setdefault(task.origin, []).append(record)
 
-    def _drop_peer(self, ident: bytes) -> None:
-        """A peer left: requeue the tasks it was running, forget the tasks it
-        submitted."""
-        peer = self.peers.pop(ident, None)
+    def _lose_peer(self, ident: bytes, reason: str) -> None:
+        """A peer fell silent. A worker's or a borrowing broker's tasks run
+        again elsewhere, each at most ``max_retries`` times; a lender's link
+        is kept, to be used again if it comes back."""
+        peer = self.peers[ident]
+        logger.warning("%s lost: %s", peer, reason)
+        if peer.role == LINK:
+            for key in [key for key in self.tasks if key[0] == ident]:
+                self._cancel(self.tasks.pop(key))
+            peer.asked, peer.load, peer.last_heard = 0, {}, self.clock()
+            self._send(ident, p.Hello({
+                **self.identity, "role": BROKER, "name": self.name,
+                "task": self.address, "meta": self.meta_address,
+            }))
+            return
+        for bid, task in peer.inflight.items():
+            if task.worker == ident and task.bid == bid and not (task.cancelled or task.done):
+                task.attempts += 1
+        self._drop_peer(ident, lost=reason)
+
+    def _fail_lost(self, task: QueuedTask, peer: Peer, reason: str) -> None:
+        """``task`` lost its worker once too often: its origin gets LOST."""
+        task.done = True
+        self.done += 1
+        del self.tasks[(task.origin, task.task_id)]
+        detail = json.dumps({
+            "host": peer.host, "worker": peer.name, "pid": peer.pid, "reason": reason,
+            "attempts": task.attempts,
+        })
+        record = p.ResultRecord(task.task_id, p.Status.LOST, [detail.encode()])
+        self._results.setdefault(task.origin, []).append(record)
+
+    def _drop_peer(self, ident: bytes, lost: Optional[str] = None) -> None:
+        """A peer left (or was ``lost``): requeue the tasks it was running,
+        forget the tasks it submitted."""
+        peer = self.peers.get(ident)
         if peer is None:
             return
+        if lost is not None:
+            for bid, task in peer.inflight.items():
+                live = task.worker == ident and task.bid == bid
+                if live and not (task.cancelled or task.done) and task.attempts > self.max_retries:
+                    self._fail_lost(task, peer, lost)
+        del self.peers[ident]
         logger.info("%s left", peer)
         if peer.role == LINK:
             for address in [a for a, link in self.links.items() if link is peer]:
@@ -534,9 +593,27 @@ class BrokerState:
 
     def _send(self, ident: bytes, message: p.Message) -> None:
         self._out.append((ident, p.encode(message)))
+        peer = self.peers.get(ident)
+        if peer is not None:
+            peer.last_sent = self.clock()
 
+    def _check_liveness(self) -> None:
+        """Heartbeat the peers we have been quiet to; lose the silent ones.
+        Runs at most four times per heartbeat interval."""
+        now = self.clock()
+        if now < self._next_liveness:
+            return
+        self._next_liveness = now + self.heartbeat / 4
+        limit = self.heartbeat * LIVENESS
+        for ident, peer in list(self.peers.items()):
+            silent = now - peer.last_heard
+            if silent > limit:
+                self._lose_peer(ident, f"silent for {silent:.1f} s")
+            elif now - peer.last_sent >= self.heartbeat:
+                self._send(ident, p.Heartbeat())
     def pump(self) -> List[Outgoing]:
         """Dispatch what can be dispatched; return every message to send."""
+        self._check_liveness()
         self._revoke_stranded()
         self._dispatch()
         if self._revoked:  # what no other taker took may go back now

@@ -24,6 +24,7 @@ It speaks a line protocol on stdin and stdout (docs/fedrun.md)::
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import queue
@@ -33,7 +34,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import IO, Any, Dict, List, Optional
+from typing import IO, Any, Callable, Dict, List, Optional
 
 HEARTBEAT = 1.0
 #: With no line from fedrun for this long, the agent ends everything.
@@ -44,6 +45,8 @@ STOP_TIMEOUT = 5.0
 BROKER_TIMEOUT = 30.0
 #: How long the workers may take to join the broker.
 JOIN_TIMEOUT = 60.0
+#: Dead workers replaced in the life of one agent, at most.
+MAX_REPLACEMENTS = 1000
 
 
 class _Out:
@@ -74,6 +77,9 @@ class HostAgent:
         self.children: List[subprocess.Popen] = []  # type: ignore[type-arg]
         self.readers: List[threading.Thread] = []
         self.last_error: Dict[str, str] = {}  # each child's last stderr line
+        self.restarts: Dict[str, Callable[[], Any]] = {}  # how to replace each worker
+        self.replacing = threading.Lock()
+        self.replaced = 0
         self.lifeline_r, self.lifeline_w = os.pipe()
         self.stopping = threading.Event()
 
@@ -113,6 +119,14 @@ class HostAgent:
         for reader in readers:  # its last lines go first
             reader.join(STOP_TIMEOUT)
         self.out.send("exit", f"{name} {status}")
+        restart = self.restarts.get(name)
+        if restart is None or self.stopping.is_set():
+            return
+        with self.replacing:
+            if self.stopping.is_set() or self.replaced >= MAX_REPLACEMENTS:
+                return
+            self.replaced += 1
+            restart()  # a worker died: the pool keeps its size
 
     # -- starting --------------------------------------------------------------------------
 
@@ -156,13 +170,20 @@ class HostAgent:
         count = int(spec.get("workers", 0))
         for index in range(count):
             worker_name = f"{name}.w{index}"
-            self._spawn(worker_name, [python, "-m", "futurefed.worker", "--lifeline", str(self.lifeline_r)], {
-                **base_env,
-                "IS_ORIGIN": "0",
-                "WORKER_NAME": worker_name,
-                "BROKER_NAME": name,
-                "BROKER_ADDRESS": f"tcp://127.0.0.1:{port}",
-            }, nice=int(spec.get("nice", 0)))
+            start = functools.partial(
+                self._spawn, worker_name,
+                [python, "-m", "futurefed.worker", "--lifeline", str(self.lifeline_r)],
+                {
+                    **base_env,
+                    "IS_ORIGIN": "0",
+                    "WORKER_NAME": worker_name,
+                    "BROKER_NAME": name,
+                    "BROKER_ADDRESS": f"tcp://127.0.0.1:{port}",
+                },
+                nice=int(spec.get("nice", 0)),
+            )
+            self.restarts[worker_name] = start
+            start()
         joined = _await_workers(ready["meta"], count, self.children)
         self.out.json("joined", {"workers": joined})
 
@@ -170,10 +191,11 @@ class HostAgent:
 
     def stop(self) -> None:
         """Close the lifeline, give the children time to go, kill the rest."""
-        if self.stopping.is_set():
-            return
-        self.stopping.set()
-        os.close(self.lifeline_w)
+        with self.replacing:
+            if self.stopping.is_set():
+                return
+            self.stopping.set()
+            os.close(self.lifeline_w)
         deadline = time.monotonic() + STOP_TIMEOUT
         for process in self.children:
             try:

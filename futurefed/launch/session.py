@@ -204,7 +204,7 @@ class Session:
             if agent.broker is not None:  # else the agent's @error says why
                 self._fail(f"{agent.channel.label}: the broker exited with status {status}")
         else:
-            self.say(f"{agent.channel.label}: worker {name} exited with status {status}")
+            self.say(f"{agent.channel.label}: worker {name} exited with status {status}; replacing it")
 
     def _fail(self, reason: str) -> None:
         if self.failure is None:

@@ -27,7 +27,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .loop import Worker
 
     worker = Worker(
-        address, args.name or env.worker_name,
+        address, args.name or env.worker_name, heartbeat=env.heartbeat,
         lifeline=args.lifeline, connect_timeout=args.connect_timeout,
     )
     status = worker.run()

@@ -52,6 +52,8 @@ MAX_DRAIN = 256  # messages handled per poll before running tasks again
 #: Seconds a worker whose lifeline closed may take to finish on its own before
 #: it is ended mid-task: its origin is gone, so nobody wants the result.
 LIFELINE_GRACE = 1.0
+#: The broker is lost after this many heartbeat intervals of silence.
+LIVENESS = 3
 
 
 def _watch_lifeline(fd: int) -> None:
@@ -95,6 +97,12 @@ class Worker:
         self.connect_timeout = connect_timeout
         self.welcomed = False
         self.gave_up = False  # no broker answered within connect_timeout
+        self.broker_lost = False  # the broker fell silent for LIVENESS heartbeats
+        # The hub loop owns the socket; the heartbeat thread borrows it, under
+        # this lock, only while a long task keeps the loop from sending.
+        self._sock_lock = threading.RLock()
+        self._closed = threading.Event()
+        self.last_sent = self.last_heard = time.monotonic()
         self.ctx = context or zmq.Context.instance()
         self.hub = Hub()
         self.hub.owner = self
@@ -140,7 +148,7 @@ class Worker:
             self.serve()
         finally:
             self.close()
-        return 0 if self.welcomed else 1
+        return 0 if self.welcomed and not self.broker_lost else 1
 
     def connect(self) -> None:
         self.sock = task_socket(self.ctx, zmq.DEALER, linger_ms=1000)
@@ -149,6 +157,7 @@ class Worker:
             threading.Thread(
                 target=_watch_lifeline, args=(self.lifeline,), name="lifeline", daemon=True
             ).start()
+        threading.Thread(target=self._beat, name="heartbeat", daemon=True).start()
         self.hub.install()
         serialize.set_process_label(self.name)
         self._send(p.Hello({
@@ -160,11 +169,26 @@ class Worker:
 
     def close(self) -> None:
         self.hub.uninstall()
-        if self.sock is not None:
-            if not self.stopping:
-                self._send(p.Bye())
-            self.sock.close()
-            self.sock = None
+        self._closed.set()
+        with self._sock_lock:
+            if self.sock is not None:
+                if not self.stopping:
+                    self._send(p.Bye())
+                self.sock.close()
+                self.sock = None
+
+    def _beat(self) -> None:
+        """Prove we are alive while a long task keeps the hub from sending."""
+        while not self._closed.wait(self.heartbeat / 2):
+            if time.monotonic() - self.last_sent < self.heartbeat:
+                continue
+            if not self._sock_lock.acquire(timeout=self.heartbeat):
+                continue  # the hub is polling: it sends its own heartbeat
+            try:
+                if self.sock is not None and not self._closed.is_set():
+                    self._send(p.Heartbeat())
+            finally:
+                self._sock_lock.release()
 
     def serve(self) -> None:
         poller = zmq.Poller()
@@ -189,14 +213,21 @@ class Worker:
                     )
                     return
                 timeout = min(timeout, left)
-            events = dict(poller.poll(timeout * 1000))
+            with self._sock_lock:
+                events = dict(poller.poll(timeout * 1000))
+                if self.sock in events:
+                    self._drain()
             if self.lifeline is not None and self.lifeline in events:
                 logger.info("worker %s: lifeline closed, exiting", self.name)
                 return
-            if self.sock in events:
-                self._drain()
-                if self._cancel_waits:
-                    self._wake_cancellers()
+            if self.sock in events and self._cancel_waits:
+                self._wake_cancellers()
+            silent = time.monotonic() - self.last_heard
+            if self.welcomed and silent > LIVENESS * self.heartbeat:
+                self.broker_lost = True
+                logger.error("worker %s: broker at %s silent for %.1f s, exiting",
+                             self.name, self.address, silent)
+                return
             self.hub.run_timers()
             self._start_tasks()
             self.hub.run_ready()
@@ -205,6 +236,7 @@ class Worker:
 
     def _drain(self) -> None:
         for frames in drain(self.sock, MAX_DRAIN):
+            self.last_heard = time.monotonic()  # a message, not just a wake-up
             try:
                 p.dispatch(frames, self._handlers, "a worker")
             except RemoteProtocolError as exc:
@@ -378,9 +410,14 @@ class Worker:
     # -- output -------------------------------------------------------------------------
 
     def _send(self, message: p.Message) -> None:
-        self.sock.send_multipart(p.encode(message), copy=False)
+        frames = p.encode(message)
+        with self._sock_lock:
+            self.sock.send_multipart(frames, copy=False)
+        self.last_sent = time.monotonic()
 
     def _flush(self) -> None:
+        if time.monotonic() - self.last_sent >= self.heartbeat:
+            self._send(p.Heartbeat())
         if self._submits:
             self._send(p.Submit(self._submits, self._submit_blobs))
             self._submits, self._submit_blobs = [], {}

@@ -1,0 +1,144 @@
+"""Failures on the embedded federation, with real processes and signals:
+nothing is lost, nothing is delivered twice, and each failure is noticed
+within LIVENESS heartbeats (FUTUREFED_HEARTBEAT is short here)."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import signal
+import time
+
+import pytest
+
+from futurefed import FederatedExecutor, FederationLost, WorkerLost
+
+from procs import wait_gone
+
+GUARD = 60
+BEAT = 0.2  # seconds; a peer silent for 3 beats is lost
+
+
+@pytest.fixture(autouse=True)
+def short_heartbeat(monkeypatch):
+    monkeypatch.setenv("FUTUREFED_HEARTBEAT", str(BEAT))
+
+
+def slow_square(x: int) -> tuple:
+    time.sleep(0.005)
+    return x * x, os.getpid()
+
+
+def kill_self(x: int) -> int:
+    os._exit(7)
+
+
+def square_or_die(x: int) -> int:
+    if x == 3:
+        os._exit(7)
+    return x * x
+
+
+def worker_pids(executor) -> list:
+    federation = executor._transport.federation
+    return [p.pid for p in federation.processes[1:] if p.poll() is None]
+
+
+def test_sigkill_of_workers_during_a_map_loses_nothing():
+    with FederatedExecutor(max_workers=2) as executor:
+        fs = [executor.submit(slow_square, i) for i in range(600)]
+        killed = []
+        for done, future in enumerate(cf.as_completed(fs, timeout=GUARD)):
+            if done in (100, 300) and len(killed) < 2:
+                victim = worker_pids(executor)[0]
+                os.kill(victim, signal.SIGKILL)
+                killed.append(victim)
+        assert sorted(f.result()[0] for f in fs) == sorted(i * i for i in range(600))
+        ran_on = {f.result()[1] for f in fs}
+        assert ran_on - set(killed)  # the survivors and the replacements did the rest
+        assert len(worker_pids(executor)) == 2  # the pool kept its size
+        assert executor._transport.federation.replaced == 2
+
+
+def await_load(meta_address: str, condition, timeout: float = GUARD) -> dict:
+    """The first LOAD the broker publishes that meets ``condition``."""
+    import zmq
+
+    from futurefed import protocol as p
+
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(meta_address)
+    deadline = time.monotonic() + timeout
+    try:
+        while sub.poll(max(0.0, deadline - time.monotonic()) * 1000):
+            load = p.decode(sub.recv_multipart()).meta
+            if condition(load):
+                return load
+    finally:
+        sub.close()
+    raise AssertionError(f"no LOAD from {meta_address} met the condition within {timeout} s")
+
+
+def test_a_hung_worker_is_noticed_and_its_tasks_run_elsewhere():
+    with FederatedExecutor(max_workers=2) as executor:
+        federation = executor._transport.federation
+        await_load(federation.meta_address, lambda load: load["workers"] == 2)
+        assert sorted(executor.map(abs, range(-20, 0))) == list(range(1, 21))
+        victim = worker_pids(executor)[0]
+        # work in flight at both workers when one hangs
+        fs = [executor.submit(slow_square, i) for i in range(200)]
+        os.kill(victim, signal.SIGSTOP)
+        stopped = time.monotonic()
+        try:
+            await_load(federation.meta_address, lambda load: load["workers"] == 1)
+            detected = time.monotonic() - stopped
+            assert [f.result(timeout=GUARD)[0] for f in fs] == [i * i for i in range(200)]
+        finally:
+            os.kill(victim, signal.SIGCONT)
+        # noticed within a few heartbeats (LIVENESS = 3), not at GUARD
+        assert detected < BEAT * 3 * 3, detected
+        # the woken worker hears nothing from a broker that dropped it, and
+        # goes; another takes its place
+        assert wait_gone([victim], GUARD) == []
+        await_load(federation.meta_address, lambda load: load["workers"] == 2)
+        assert federation.replaced == 1
+        assert sorted(executor.map(abs, range(-20, 0))) == list(range(1, 21))
+
+
+def test_a_task_that_kills_every_worker_fails_with_worker_lost(monkeypatch):
+    monkeypatch.setenv("FUTUREFED_MAX_RETRIES", "1")
+    with FederatedExecutor(max_workers=2) as executor:
+        results = list(executor.map(abs, range(10)))
+        assert results == list(range(10))
+        fs = [executor.submit(square_or_die, i) for i in range(6)]
+        for i, future in enumerate(fs):
+            if i == 3:
+                with pytest.raises(WorkerLost) as caught:
+                    future.result(timeout=GUARD)
+                error = caught.value
+                assert error.pid in executor._transport.federation.pids
+                assert error.worker.startswith("local-") and error.host == os.uname().nodename
+                assert "2 times" in str(error)
+            else:
+                assert future.result(timeout=GUARD) == i * i
+        assert executor.submit(abs, -5).result(timeout=GUARD) == 5  # the pool goes on
+
+
+def test_losing_the_broker_fails_every_pending_future_promptly():
+    executor = FederatedExecutor(max_workers=1)
+    try:
+        blocked = [executor.submit(time.sleep, 30) for _ in range(3)]
+        broker = executor._transport.federation.processes[0]
+        started = time.monotonic()
+        os.kill(broker.pid, signal.SIGKILL)
+        for future in blocked:
+            with pytest.raises(FederationLost, match="silent"):
+                future.result(timeout=GUARD)
+        assert time.monotonic() - started < 3 * BEAT * 5
+        with pytest.raises(FederationLost):
+            executor.submit(abs, 1)
+    finally:
+        executor.shutdown(wait=True)
+    assert wait_gone(executor._transport.federation.pids, GUARD) == []

@@ -142,3 +142,49 @@ def test_losing_the_broker_fails_every_pending_future_promptly():
     finally:
         executor.shutdown(wait=True)
     assert wait_gone(executor._transport.federation.pids, GUARD) == []
+
+
+def test_a_worker_killed_every_second_loses_nothing():
+    results = {}
+    with FederatedExecutor(max_workers=2) as executor:
+        federation = executor._transport.federation
+        await_load(federation.meta_address, lambda load: load["workers"] == 2)
+        done = __import__("threading").Event()
+        killed = []
+
+        def killer():
+            while not done.wait(1.0):  # the failure schedule, not a synchronisation
+                alive = worker_pids(executor)
+                if alive:
+                    os.kill(alive[0], signal.SIGKILL)
+                    killed.append(alive[0])
+
+        thread = __import__("threading").Thread(target=killer, daemon=True)
+        thread.start()
+        try:
+            for i, (square, _) in enumerate(executor.map(slow_square, range(2000), timeout=GUARD)):
+                results[i] = square
+        finally:
+            done.set()
+            thread.join(GUARD)
+    assert results == {i: i * i for i in range(2000)}
+    assert len(killed) >= 2, killed
+
+
+def test_a_peer_broker_killed_mid_map(federation, monkeypatch):
+    """A (the origin's broker, no workers) lends to B and C; B dies by
+    SIGKILL: A notices within a few heartbeats and C runs B's share."""
+    monkeypatch.setenv("FUTUREFED_HEARTBEAT", str(BEAT))
+    a = federation.broker("A")
+    b = federation.broker("B", peers=[a])
+    c = federation.broker("C", peers=[a, b])
+    for broker in (b, c):
+        federation.worker(f"{broker.name}.w0", broker)
+        federation.worker(f"{broker.name}.w1", broker)
+    with FederatedExecutor(address=a.task) as executor:
+        fs = [executor.submit(slow_square, i) for i in range(600)]
+        for done, future in enumerate(cf.as_completed(fs, timeout=GUARD)):
+            if done == 100:
+                os.kill(b.process.pid, signal.SIGKILL)
+        assert [f.result()[0] for f in fs] == [i * i for i in range(600)]
+    a.process.wait_for(r"<broker B on .*> lost: silent for")

@@ -175,20 +175,64 @@ def _start_blocking(cluster, tmp_path, *args):
     return process
 
 
-def test_a_cut_host_fails_fedrun_clearly(cluster, tmp_path):
-    process = _start_blocking(cluster, tmp_path)
+CUT_PROGRAM = """\
+import os
+from futurefed import FederatedExecutor
+
+def work(i):
+    sum(range(30000))
+    return i * i
+
+with FederatedExecutor() as executor:
+    results = []
+    for n, value in enumerate(executor.map(work, range(900))):
+        results.append(value)
+        if n == 50:
+            print("ready", flush=True)
+assert results == [i * i for i in range(900)]
+print("done", len(results), flush=True)
+"""
+
+
+def test_a_cut_host_loses_no_work_and_heals(cluster, tmp_path):
+    program = write_program(tmp_path, CUT_PROGRAM)
+    process = cluster.exec_in(
+        cluster.client_ns,
+        fedrun_args(cluster, "--hosts", "node1", "node2", "node3", "-N", "3", "-v",
+                    "--env", "FUTUREFED_HEARTBEAT=0.3", program),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path),
+    )
     try:
+        assert process.stdout.readline() == "ready\n"
         cluster.cut("node2")
-        process.wait(GUARD)  # stdin stays open: the program would go on for ever
+        process.wait(GUARD)
         out, err = process.communicate()
     finally:
         cluster.uncut("node2")
         if process.poll() is None:
             process.kill()
             process.communicate()
+    assert process.returncode == 0, err
+    assert out == "done 900\n"
+    # the origin's broker noticed, and its tasks ran again elsewhere
+    assert re.search(r"^\[node1 node1.broker\] .* <broker node2 on node2 pid \d+> lost: silent", err, re.M), err
+    # the cut host's agent heard nothing more either, and ended its processes
+    assert_nothing_left(cluster, [pid for _, pid in started(err).values()])
+
+
+def test_losing_the_programs_host_fails_fedrun_clearly(cluster, tmp_path):
+    process = _start_blocking(cluster, tmp_path)
+    try:
+        cluster.cut("node1")
+        process.wait(GUARD)  # stdin stays open: the program would go on for ever
+        out, err = process.communicate()
+    finally:
+        cluster.uncut("node1")
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
     assert process.returncode == 1, err
-    assert re.search(r"^fedrun: node2: host lost", err, re.M), err
-    # the cut host's agent hears nothing more either, and ends its processes
+    assert re.search(r"^fedrun: node1: host lost", err, re.M), err
     assert_nothing_left(cluster, [pid for _, pid in started(err).values()])
 
 

@@ -165,7 +165,7 @@ class Session:
             agent.ended = True
             agent.changed.notify_all()
         if not self.stopping:
-            self._fail(f"{label}: {self._ended_reason(agent)}")
+            self._host_failed(agent, self._ended_reason(agent))
 
     def _ended_reason(self, agent: _Agent) -> str:
         status = agent.channel.wait(2.0)
@@ -202,7 +202,7 @@ class Session:
             return
         if name.endswith(".broker"):
             if agent.broker is not None:  # else the agent's @error says why
-                self._fail(f"{agent.channel.label}: the broker exited with status {status}")
+                self._host_failed(agent, f"the broker exited with status {status}")
         else:
             self.say(f"{agent.channel.label}: worker {name} exited with status {status}; replacing it")
 
@@ -225,8 +225,22 @@ class Session:
                 if not agent.channel.send("@beat") or now - agent.last_heard > LOST_AFTER:
                     agent.lost = True
                     silent = now - agent.last_heard
-                    self._fail(f"{agent.channel.label}: host lost (nothing heard for {silent:.0f} s)")
-                    return
+                    self._host_failed(agent, f"host lost (nothing heard for {silent:.0f} s)")
+
+    def _host_failed(self, agent: _Agent, reason: str) -> None:
+        """A host was lost while the program runs. Losing the first ends the
+        session: the program's broker is there. Another's work runs again on
+        the other hosts (docs/federation.md), so the session goes on."""
+        label = agent.channel.label
+        if agent is self.agents[0] or self.origin is None:
+            self._fail(f"{label}: {reason}")
+            return
+        with agent.changed:
+            if agent.ended and agent.lost:
+                return  # said already
+            agent.ended = agent.lost = True
+            agent.changed.notify_all()
+        self.say(f"{label}: {reason}; its tasks run again on the other hosts")
 
     # -- the steps -------------------------------------------------------------------------
 
@@ -403,6 +417,16 @@ class Session:
                 signal.signal(signal.SIGTERM, previous)
         return status
 
+    def _await_agent(self, agent: _Agent, deadline: float) -> str:
+        """Wait for ``agent`` to exit: "exited", or "silent" if it falls
+        silent first (its host cut off), or "late" at the deadline."""
+        while time.monotonic() < deadline:
+            if agent.channel.wait(min(HEARTBEAT / 2, deadline - time.monotonic())) is not None:
+                return "exited"
+            if time.monotonic() - agent.last_heard > LOST_AFTER / 2:
+                return "silent"
+        return "late"
+
     def _stop(self) -> None:
         """Tell every agent to stop and wait for them (bounded); close."""
         self.stopping = True
@@ -414,9 +438,11 @@ class Session:
         for agent in self.agents:
             if not agent.opened:
                 continue
-            if agent.lost:  # its agent stops on its own once it hears nothing
+            outcome = "silent" if agent.lost else self._await_agent(agent, deadline)
+            if outcome == "silent":
+                # unreachable: its agent ends everything once it hears nothing
                 agent.channel.kill()
-            elif agent.channel.wait(max(0.0, deadline - time.monotonic())) is None:
+            elif outcome == "late":
                 self.say(f"{agent.channel.label}: the host agent did not stop; closing its connection")
                 agent.channel.kill()
             agent.channel.close()

@@ -27,6 +27,7 @@ from ._sockets import drain, task_socket
 
 from . import protocol as p
 from ._future import CANCEL_TIMEOUT, TaskFuture
+from ._versions import local_versions
 from .errors import BrokenFederation, FederationLost, RemoteProtocolError
 from .outcome import initializer_failure, resolve_future
 
@@ -163,6 +164,7 @@ class Agent(threading.Thread):
                 "name": f"origin-{os.getpid()}",
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
+                "versions": local_versions(),
             }))
             self._serve(wake_rx)
             self._send(p.Bye())

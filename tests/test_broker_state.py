@@ -1570,3 +1570,34 @@ BrokerMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 test_broker_state_machine = BrokerMachine.TestCase
+
+
+# -- versions -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key, value", [
+    ("python", "2.7"), ("futurefed", "0.0.1"), ("cloudpickle", "1.0.0"), ("protocol", "9"),
+])
+def test_a_peer_with_other_versions_is_refused_naming_both(broker, key, value):
+    from futurefed._versions import local_versions
+
+    theirs = {**local_versions(), key: value}
+    broker.send(b"peer", p.Hello({"role": "worker", "versions": theirs}))
+    refuse = only(broker.pump(), b"peer", p.Refuse)
+    assert refuse.reason == (
+        f"version mismatch: the peer has {key} {value}; this broker has {key} {local_versions()[key]}"
+    )
+    assert b"peer" not in broker.state.peers
+
+
+@pytest.mark.parametrize("versions", ["3.11", ["x"], 7])
+def test_versions_that_are_not_an_object_are_refused(broker, versions):
+    broker.send(b"peer", p.Hello({"role": "origin", "versions": versions}))
+    assert "not a JSON object" in only(broker.pump(), b"peer", p.Refuse).reason
+
+
+def test_a_peer_with_our_versions_is_welcomed(broker):
+    from futurefed._versions import local_versions
+
+    broker.send(b"peer", p.Hello({"role": "worker", "versions": local_versions()}))
+    assert isinstance(only(broker.pump(), b"peer"), p.Welcome)

@@ -171,3 +171,18 @@ def test_origin_with_a_malformed_broker_address(monkeypatch):
     monkeypatch.setenv("IS_ORIGIN", "1")
     with pytest.raises(ConfigError, match="BROKER_ADDRESS='tcp://nowhere' is not an address"):
         FederatedExecutor()
+
+
+def test_origin_of_another_version_is_refused_with_both_versions(broker, monkeypatch):
+    import futurefed._agent
+    from futurefed._versions import local_versions
+    from futurefed.errors import FederationLost
+
+    ours = local_versions()
+    monkeypatch.setattr(futurefed._agent, "local_versions", lambda: {**ours, "cloudpickle": "0.1"})
+    with pytest.raises(FederationLost) as caught:
+        FederatedExecutor(address=broker)
+    assert (
+        f"refused us: version mismatch: the peer has cloudpickle 0.1;"
+        f" this broker has cloudpickle {ours['cloudpickle']}"
+    ) in str(caught.value)

@@ -31,6 +31,7 @@ from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple
 
 from .. import protocol as p
+from .._versions import local_versions, mismatch
 from ..errors import RemoteProtocolError
 
 __all__ = ["BrokerState", "Peer", "QueuedTask"]
@@ -235,6 +236,10 @@ class BrokerState:
             shown = repr(role)[:80]
             self._send(ident, p.Refuse(f"unknown role {shown}"))
             raise RemoteProtocolError(f"HELLO with unknown role {shown}")
+        why = mismatch(message.meta.get("versions"))
+        if why is not None:
+            self._send(ident, p.Refuse(why))
+            raise RemoteProtocolError(f"HELLO refused: {why}")
         peer = Peer(ident, message.meta, self.clock())
         if role == BROKER:
             if peer.task_address is None or peer.task_address == self.address:
@@ -345,7 +350,7 @@ class BrokerState:
         self.brokers.setdefault(task, meta)
         self._send(ident, p.Hello({
             **self.identity, "role": BROKER, "name": self.name,
-            "task": self.address, "meta": self.meta_address,
+            "task": self.address, "meta": self.meta_address, "versions": local_versions(),
         }))
 
     def _on_link_welcome(self, ident: bytes, message: p.Welcome) -> None:
@@ -532,7 +537,7 @@ class BrokerState:
             peer.asked, peer.load, peer.last_heard = 0, {}, self.clock()
             self._send(ident, p.Hello({
                 **self.identity, "role": BROKER, "name": self.name,
-                "task": self.address, "meta": self.meta_address,
+                "task": self.address, "meta": self.meta_address, "versions": local_versions(),
             }))
             return
         for bid, task in peer.inflight.items():

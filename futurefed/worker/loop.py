@@ -33,6 +33,7 @@ import zmq
 from .. import protocol as p
 from .. import serialize
 from .._future import CANCEL_TIMEOUT, TaskFuture
+from .._versions import local_versions
 from .._sockets import drain, task_socket
 from ..outcome import resolve_future, run_call
 from ..errors import RemoteProtocolError, SerializationError
@@ -165,6 +166,7 @@ class Worker:
             "name": self.name,
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "versions": local_versions(),
         }))
 
     def close(self) -> None:

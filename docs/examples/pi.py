@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
 import time
 
@@ -37,7 +38,9 @@ def main() -> None:
     total = args.tasks * args.samples
     estimate = 4 * hits / total
     print(f"pi ~ {estimate:.6f} (error {abs(estimate - math.pi):.2e}) from {total:,} samples")
-    print(f"{args.tasks} tasks in {elapsed:.2f} s on the embedded federation")
+    where = os.environ.get("BROKER_ADDRESS") if os.environ.get("IS_ORIGIN", "1") == "1" else None
+    federation = f"the federation at {where}" if where else "the embedded federation"
+    print(f"{args.tasks} tasks in {elapsed:.2f} s on {federation}")
 
 
 if __name__ == "__main__":

@@ -116,7 +116,9 @@ def test_hostfile_slots_user_and_port(cluster, tmp_path):
     assert_nothing_left(cluster, [pid for _, pid in procs.values()])
 
 
-@pytest.mark.parametrize("case", ["unknown host", "unknown key", "wrong key", "no python", "no futurefed"])
+@pytest.mark.parametrize(
+    "case", ["unknown host", "refused", "unknown key", "wrong key", "no python", "no futurefed"]
+)
 def test_errors_name_the_host_and_leave_nothing(cluster, tmp_path, case):
     program = write_program(tmp_path)
     hosts = ["node1", "node2"]
@@ -124,6 +126,9 @@ def test_errors_name_the_host_and_leave_nothing(cluster, tmp_path, case):
     if case == "unknown host":
         hosts.append("node9")
         expect = "fedrun: node9: unknown host node9"
+    elif case == "refused":
+        hosts = ["node1", "root@node2:2222"]  # no sshd listens there
+        expect = f"fedrun: node2: cannot connect to root@{cluster.hosts[1]}:2222: "
     elif case == "unknown key":
         empty = tmp_path / "known_hosts"
         empty.write_text("")

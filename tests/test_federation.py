@@ -7,9 +7,7 @@ import collections
 import os
 import subprocess
 import sys
-import time
 
-import pytest
 
 from futurefed import FederatedExecutor
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from futurefed import protocol as p
-from futurefed.broker.state import BORROW_TIMEOUT, BrokerState
+from futurefed.broker.state import BORROW_TIMEOUT
 
-from test_broker_state import BLOBS, FN, Broker, ok, only, task, to
+from test_broker_state import BLOBS, Broker, ok, only, task, to
 
 A_TASK, A_META = "tcp://a:1", "tcp://a:2"
 B_TASK, B_META = "tcp://b:1", "tcp://b:2"

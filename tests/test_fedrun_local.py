@@ -8,7 +8,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 
 import pytest
 
@@ -36,7 +35,6 @@ sys.exit(int(os.environ.get("EXIT_WITH", "0")))
 
 # Prints "ready" once a task has run, then blocks until its stdin closes.
 BLOCKING_PROGRAM = """\
-import sys
 from futurefed import FederatedExecutor
 
 with FederatedExecutor() as executor:

@@ -22,7 +22,6 @@ import itertools
 import threading
 import time
 from collections import deque
-from concurrent import futures
 from typing import Any, Callable, Deque, List, Optional, Tuple
 
 import greenlet

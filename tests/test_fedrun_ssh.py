@@ -314,6 +314,7 @@ exec {IP} netns exec "$ns" "$@"
     lines = calls.read_text().splitlines()
     assert sorted(line.split()[0] for line in lines) == ["node1", "node2", "node3"]
     assert all("--nodes=1 --ntasks=1" in line and "futurefed.launch.hostagent" in line for line in lines)
+    assert all("--cpus-per-task=1" in line for line in lines)  # SLURM_NTASKS=3 over 3 nodes
     assert_nothing_left(cluster, [pid for _, pid in started(result.stderr).values()])
 
 

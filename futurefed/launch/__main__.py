@@ -183,7 +183,7 @@ def build(args: argparse.Namespace) -> Tuple[List[Channel], List[hostlist.Host],
     channels: List[Channel] = []
     if args.launcher == "srun":
         for host in hosts:
-            channel = srun_channel(host.name)
+            channel = srun_channel(host.name, host.slots)
             channel.advertise = external.get(host.name, host.name)
             channels.append(channel)
     else:

@@ -163,8 +163,12 @@ def _sourceable(path: str) -> str:
     return path if "/" in path else f"./{path}"
 
 
-def srun_channel(host: str, extra: Optional[List[str]] = None) -> LocalChannel:
-    """The agent on ``host`` of the current SLURM allocation, through srun."""
-    prefix = ["srun", "--nodes=1", "--ntasks=1", f"--nodelist={host}", "--kill-on-bad-exit=1",
-              *(extra or [])]
+def srun_channel(host: str, cpus: Optional[int] = None) -> LocalChannel:
+    """The agent on ``host`` of the current SLURM allocation, through srun.
+    With ``cpus`` (the host's slots) the step asks for that many CPUs: a
+    one-task step would otherwise confine every worker to one CPU where
+    SLURM binds steps to cores."""
+    prefix = ["srun", "--nodes=1", "--ntasks=1", f"--nodelist={host}", "--kill-on-bad-exit=1"]
+    if cpus:
+        prefix.append(f"--cpus-per-task={cpus}")
     return LocalChannel(host, prefix)

@@ -86,6 +86,7 @@ class Agent(threading.Thread):
         self._ended = False
         self._last_sent = self._last_heard = time.monotonic()
         self.heartbeat = heartbeat
+        self._exit_info = getattr(federation, "exit_info", None)
         # Threads in cancel() wait on this for the broker's answer.
         self._cancel_answered = threading.Condition()
         self._cancel_waiters = 0
@@ -282,7 +283,7 @@ class Agent(threading.Thread):
                 self.pending[record.task_id] = future
                 self._break(initializer_failure(record.frames))
                 return
-            resolve_future(future, record)
+            resolve_future(future, record, self._exit_info)
 
     def _break(self, error: BrokenFederation) -> None:
         """Fail every pending future with ``error``; later submits raise it."""

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import pickle
-from typing import Optional
+from typing import Optional, Sequence
 
 __all__ = [
     "BrokenFederation",
@@ -91,9 +91,15 @@ class WorkerLost(FutureFedError):
     describe the last one."""
 
     def __init__(self, message: str, host: str = "?", worker: str = "?", pid: Optional[int] = None,
-                 reason: str = "") -> None:
+                 reason: str = "", exit_status: Optional[int] = None,
+                 stderr_tail: Sequence[str] = ()) -> None:
         super().__init__(message)
         self.host, self.worker, self.pid, self.reason = host, worker, pid, reason
+        #: how the process ended (negative: the signal), where its supervisor
+        #: was this process (the embedded federation); None if unknown
+        self.exit_status = exit_status
+        #: its last lines on stderr, where known
+        self.stderr_tail = list(stderr_tail)
 
 
 class RemoteTraceback(Exception):

@@ -16,7 +16,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Dict, List, Optional
+from collections import deque
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from .errors import BrokenFederation
 
@@ -24,11 +25,26 @@ __all__ = ["LocalFederation"]
 
 START_TIMEOUT = 60.0  # deadlock guard: a broker binds loopback in well under a second
 STOP_TIMEOUT = 5.0
+#: Lines of each worker's stderr kept for WorkerLost.
+STDERR_TAIL = 20
 #: Dead workers replaced in the life of one federation, at most (a task
 #: that kills every worker fails with WorkerLost long before this).
 MAX_REPLACEMENTS = 1000
 
 logger = logging.getLogger(__name__)
+
+
+def _relay_stderr(stream: Any, tail: "Deque[str]") -> None:
+    """Copy a worker's stderr to ours, keeping its last lines."""
+    for raw in stream:
+        text = raw.decode("utf-8", errors="replace")
+        tail.append(text.rstrip())
+        try:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass  # our stderr is gone: keep the tail anyway
+    stream.close()
 
 
 def child_environment(extra: Dict[str, str]) -> Dict[str, str]:
@@ -50,6 +66,7 @@ class LocalFederation:
     def __init__(self, workers: int, *, python: str = sys.executable) -> None:
         self.processes: List[subprocess.Popen] = []  # type: ignore[type-arg]
         self.replaced = 0
+        self._tails: Dict[int, Deque[str]] = {}  # worker pid -> its last stderr lines
         self._closing = threading.Event()
         self._replacing = threading.Lock()
         self._python = python
@@ -88,7 +105,7 @@ class LocalFederation:
         process = subprocess.Popen(
             [self._python, "-m", "futurefed.worker", "--address", self.address,
              "--name", worker_name, "--lifeline", str(self._lifeline_r)],
-            pass_fds=(self._lifeline_r,),
+            pass_fds=(self._lifeline_r,), stderr=subprocess.PIPE,
             env=child_environment({
                 "IS_ORIGIN": "0",
                 "WORKER_NAME": worker_name,
@@ -97,10 +114,24 @@ class LocalFederation:
             }),
         )
         self.processes.append(process)
+        tail = self._tails[process.pid] = deque(maxlen=STDERR_TAIL)
+        threading.Thread(
+            target=_relay_stderr, args=(process.stderr, tail), name=f"stderr-{worker_name}",
+            daemon=True,
+        ).start()
         threading.Thread(
             target=self._replace_when_gone, args=(index, process), name=f"watch-{worker_name}",
             daemon=True,
         ).start()
+
+    def exit_info(self, pid: int) -> Optional[Tuple[Optional[int], List[str]]]:
+        """How worker ``pid`` ended (None: still running) and its last
+        stderr lines; None for a pid this federation did not start."""
+        if pid not in self._tails:
+            return None
+        process = next((p for p in self.processes if p.pid == pid), None)
+        status = process.poll() if process is not None else None
+        return status, list(self._tails[pid])
 
     def _replace_when_gone(self, index: int, process: "subprocess.Popen[bytes]") -> None:
         status = process.wait()

@@ -69,8 +69,13 @@ def initializer_failure(frames: Sequence[Any]) -> InitializerFailed:
     return broken
 
 
-def worker_lost(frames: Sequence[Any]) -> WorkerLost:
-    """The WorkerLost of a LOST record (a JSON frame from the broker)."""
+ExitInfo = Callable[[int], Optional[Tuple[Optional[int], List[str]]]]
+
+
+def worker_lost(frames: Sequence[Any], exit_info: Optional[ExitInfo] = None) -> WorkerLost:
+    """The WorkerLost of a LOST record (a JSON frame from the broker), with
+    the process's exit status and last stderr lines where ``exit_info``
+    (the embedded federation, which started it) knows them."""
     try:
         info = json.loads(bytes(frames[0]))
         if not isinstance(info, dict):
@@ -85,10 +90,34 @@ def worker_lost(frames: Sequence[Any]) -> WorkerLost:
         f"the task's worker was lost each of the {attempts} times it ran; the last was"
         f" {worker} on {host} (pid {pid}): {reason}"
     )
-    return WorkerLost(message, host=host, worker=worker, pid=pid, reason=reason)
+    status, tail = None, []
+    known = exit_info(pid) if exit_info is not None and pid is not None else None
+    if known is not None:
+        status, tail = known
+        if status is None:
+            message += "; the process is still running (hung?)"
+        elif status < 0:
+            message += f"; it was killed by {_signal_name(-status)}"
+        else:
+            message += f"; it exited with status {status}"
+        if tail:
+            message += "; its last lines on stderr:\n" + "\n".join(f"  {line}" for line in tail)
+    return WorkerLost(message, host=host, worker=worker, pid=pid, reason=reason,
+                      exit_status=status, stderr_tail=tail)
 
 
-def resolve_future(future: TaskFuture, record: p.ResultRecord) -> None:
+def _signal_name(number: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def resolve_future(
+    future: TaskFuture, record: p.ResultRecord, exit_info: Optional[ExitInfo] = None
+) -> None:
     """Settle ``future`` from a result record (INIT_FAILED is the caller's
     business: it breaks the whole executor)."""
     if future.done():
@@ -104,7 +133,7 @@ def resolve_future(future: TaskFuture, record: p.ResultRecord) -> None:
         elif status is p.Status.INIT_FAILED:
             future.set_exception(initializer_failure(record.frames))
         elif status is p.Status.LOST:
-            future.set_exception(worker_lost(record.frames))
+            future.set_exception(worker_lost(record.frames, exit_info))
         else:
             reason = bytes(record.frames[0]).decode(errors="replace") if record.frames else ""
             future.set_exception(RemoteProtocolError(f"the broker rejected the task: {reason}"))

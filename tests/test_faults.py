@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import signal
+import sys
 import time
 
 import pytest
@@ -35,6 +36,7 @@ def kill_self(x: int) -> int:
 
 def square_or_die(x: int) -> int:
     if x == 3:
+        print(f"dying of {x}", file=sys.stderr, flush=True)
         os._exit(7)
     return x * x
 
@@ -121,6 +123,9 @@ def test_a_task_that_kills_every_worker_fails_with_worker_lost(monkeypatch):
                 assert error.pid in executor._transport.federation.pids
                 assert error.worker.startswith("local-") and error.host == os.uname().nodename
                 assert "2 times" in str(error)
+                # the embedded federation started it: how it ended, its last words
+                assert error.exit_status == 7 and "it exited with status 7" in str(error)
+                assert error.stderr_tail[-1] == "dying of 3"
             else:
                 assert future.result(timeout=GUARD) == i * i
         assert executor.submit(abs, -5).result(timeout=GUARD) == 5  # the pool goes on

@@ -23,13 +23,14 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set, Tu
 
 import zmq
 
-from ._sockets import drain, task_socket
+from ._sockets import drain, send_nowait, task_socket
 
 from . import protocol as p
 from ._future import CANCEL_TIMEOUT, TaskFuture
 from ._versions import local_versions
 from .errors import BrokenFederation, FederationLost, RemoteProtocolError
 from .outcome import initializer_failure, resolve_future
+from .security import FederationKey, HandshakeWatch, make_client
 
 __all__ = ["Agent", "BrokenState"]
 
@@ -67,9 +68,13 @@ class Agent(threading.Thread):
         federation: Any = None,
         context: Optional[zmq.Context] = None,  # type: ignore[type-arg]
         heartbeat: float = HEARTBEAT,
+        key: Optional[FederationKey] = None,
     ) -> None:
         super().__init__(name="futurefed-agent", daemon=True)
         self.address = address
+        self.key = key
+        #: Why the broker would not complete the security handshake, if it would not.
+        self.handshake_problem: Optional[str] = None
         self.shared = shared
         self.federation = federation  # closed by the agent when it ends
         self.ctx = context or zmq.Context.instance()
@@ -94,7 +99,7 @@ class Agent(threading.Thread):
         #: Set once the broker answered our HELLO (welcomed or refused us).
         self.answered = threading.Event()
         self._handlers: Dict[p.Command, Callable[[Any], None]] = {
-            p.Command.WELCOME: lambda message: self.answered.set(),
+            p.Command.WELCOME: self._on_welcome,
             p.Command.REFUSE: self._on_refuse,
             p.Command.RESULTS: self._on_results,
             p.Command.STARTED: self._on_started,
@@ -157,6 +162,10 @@ class Agent(threading.Thread):
         wake_rx = self.ctx.socket(zmq.PAIR)
         wake_rx.bind(self._wake_address)
         dealer = task_socket(self.ctx, zmq.DEALER, linger_ms=2000)
+        make_client(dealer, self.key)
+        # watched until WELCOME: ZeroMQ retries a failed handshake in silence
+        self._handshake: Optional[HandshakeWatch] = HandshakeWatch(dealer, self.key)
+        self._poller: Optional[zmq.Poller] = None
         dealer.connect(self.address)
         self._dealer = dealer
         try:
@@ -180,16 +189,24 @@ class Agent(threading.Thread):
                 self._ended = True
                 self._cancel_answered.notify_all()
             wake_rx.close()
+            self._stop_watching()
             dealer.close()
             if self.federation is not None:
                 self.federation.close()
 
     def _serve(self, wake_rx: Any) -> None:
-        poller = zmq.Poller()
+        poller = self._poller = zmq.Poller()
         poller.register(wake_rx, zmq.POLLIN)
         poller.register(self._dealer, zmq.POLLIN)
+        if self._handshake is not None:
+            poller.register(self._handshake.monitor, zmq.POLLIN)
         while True:
             events = dict(poller.poll(min(POLL_SECONDS, self.heartbeat) * 1000))
+            if self._handshake is not None and self._handshake.monitor in events:
+                problem = self._handshake.check()
+                if problem is not None:
+                    self.handshake_problem = problem
+                    logger.error("%s", problem)
             if wake_rx in events:
                 # Drain, then re-arm, under the lock: a command queued after
                 # this sends a fresh wake-up; one queued before is taken below.
@@ -258,8 +275,22 @@ class Agent(threading.Thread):
             except RemoteProtocolError as exc:
                 logger.warning("origin dropped a message from its broker: %s", exc)
 
+    def _on_welcome(self, message: p.Welcome) -> None:
+        self.answered.set()
+        self._stop_watching()
+
+    def _stop_watching(self) -> None:
+        """The handshake is done: monitoring the socket has no more to say."""
+        if self._handshake is not None:
+            if self._poller is not None:
+                self._poller.unregister(self._handshake.monitor)
+            self._handshake.close()
+            self._handshake = None
+
     def _send(self, message: p.Message) -> None:
-        self._dealer.send_multipart(p.encode(message), copy=False)
+        if not send_nowait(self._dealer, p.encode(message)):
+            logger.debug("no connection to the broker at %s; dropped %s",
+                         self.address, message.command.name)
         self._last_sent = time.monotonic()
 
     # -- messages from the broker ------------------------------------------------------

@@ -10,6 +10,7 @@ from typing import List, Optional, Tuple
 
 from . import config
 from .errors import ConfigError
+from .security import FederationKey, key_from_environ
 
 
 _EPILOG = """environment (flags win over these):
@@ -26,6 +27,9 @@ _EPILOG = """environment (flags win over these):
   IS_ORIGIN         1 in the process that runs the user's program (default 1)
   FUTUREFED_HEARTBEAT    seconds between heartbeats; a peer silent for 3 of
                          them is lost (default 1)
+  FUTUREFED_KEY_FILE     the federation's key file (made by fedkeys): every
+                         socket then uses CurveZMQ and only holders of the
+                         key may connect
   FUTUREFED_MAX_RETRIES  how many times a task whose worker was lost runs
                          again before it fails with WorkerLost (default 3)
 """
@@ -42,6 +46,10 @@ def parser(
     )
     parser.add_argument("--address", help=f"{address_help} (overrides BROKER_ADDRESS)")
     parser.add_argument("--name", help=f"this process's name (overrides {name_variable})")
+    parser.add_argument(
+        "--key-file", metavar="FILE",
+        help="the federation's key file (overrides FUTUREFED_KEY_FILE; make one with fedkeys)",
+    )
     parser.add_argument("--lifeline", type=int, help=argparse.SUPPRESS)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
     return parser
@@ -49,9 +57,9 @@ def parser(
 
 def configure(
     parser: argparse.ArgumentParser, argv: Optional[List[str]]
-) -> Tuple[argparse.Namespace, config.Environment, str]:
-    """Parse ``argv`` and the environment; exits with status 2 and one line on
-    a bad value."""
+) -> Tuple[argparse.Namespace, config.Environment, str, Optional[FederationKey]]:
+    """Parse ``argv`` and the environment, and read the key file if one is
+    named; exits with status 2 and one line on a bad value."""
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING - 10 * args.verbose,
@@ -62,7 +70,8 @@ def configure(
         address = (
             config.check_address(args.address, "--address") if args.address else env.broker_address
         )
+        key = key_from_environ(override=args.key_file)
     except ConfigError as exc:
         print(f"{parser.prog}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    return args, env, address
+    return args, env, address, key

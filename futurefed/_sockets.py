@@ -6,7 +6,7 @@ from typing import Any, Iterator, List
 
 import zmq
 
-__all__ = ["drain", "task_socket"]
+__all__ = ["drain", "send_nowait", "task_socket"]
 
 
 def task_socket(ctx: Any, kind: int, linger_ms: int) -> Any:
@@ -33,3 +33,18 @@ def drain(sock: Any, limit: int) -> Iterator[List[Any]]:
         if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             return
         yield sock.recv_multipart(zmq.NOBLOCK, copy=False)
+
+
+def send_nowait(sock: Any, frames: List[Any]) -> bool:
+    """Send on a DEALER without ever blocking; False if it was dropped.
+
+    With no high-water mark a DEALER queues without limit while its peer is
+    away, so this can only fail when the socket has no connection at all:
+    ZeroMQ drops a connection whose security handshake failed (a wrong or
+    missing key) and retries it, and a blocking send would wait for ever.
+    """
+    try:
+        sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+    except zmq.Again:
+        return False
+    return True

@@ -47,6 +47,7 @@ from ._agent import Agent, BrokenState, watch_executor
 from ._future import cancel_all
 from .errors import FederationLost
 from .outcome import chunk_results
+from .security import key_from_environ
 
 __all__ = ["FederatedExecutor"]
 
@@ -116,12 +117,15 @@ class FederatedExecutor(futures.Executor):
             the executor is broken: pending and later work fail with
             :class:`~futurefed.errors.InitializerFailed`.
         initargs: arguments of ``initializer``.
-        address: a broker's task socket to join instead.
+        address: a broker's task socket to join instead. When joining, the
+            key file named by ``FUTUREFED_KEY_FILE`` (if any) is the
+            federation's key (docs/security.md).
 
     Raises:
         ValueError: ``max_workers`` is not positive.
         ConfigError: ``address`` or the environment's ``BROKER_ADDRESS`` is
-            malformed.
+            malformed, or ``FUTUREFED_KEY_FILE`` names a missing, unreadable,
+            malformed or group/world-readable file.
         FederationLost: joining, no broker answered within 10 s, or the
             broker refused us.
 
@@ -164,27 +168,32 @@ class FederatedExecutor(futures.Executor):
             return _WorkerTransport(worker)
         federation = None
         source = "address"
+        key = None
         if address is not None:
             address = config.check_address(address, "address")
+            key = key_from_environ()
         else:
             env = config.from_environ()
             if env.configured and env.is_origin:
                 address, source = env.broker_address, "BROKER_ADDRESS"
+                key = key_from_environ()
             else:
                 from .local import LocalFederation
 
                 federation = LocalFederation(max_workers or os.cpu_count() or 1)
                 address = federation.address
         agent = Agent(address, self._shared, federation=federation,
-                      heartbeat=config.heartbeat_from_environ())
+                      heartbeat=config.heartbeat_from_environ(), key=key)
         agent.start()
         _live_agents.add(agent)
         self._watch = watch_executor(self, agent)
         if federation is None:  # joining: fail here, not in every result()
             if not agent.answered.wait(CONNECT_TIMEOUT):
                 agent.stop()
+                problem = agent.handshake_problem
                 raise FederationLost(
                     f"no broker answered at {source}={address} within {CONNECT_TIMEOUT:g} s"
+                    + (f": {problem}" if problem else "")
                 )
             broken = self._shared.broken
             if broken is not None:

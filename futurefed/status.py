@@ -24,6 +24,7 @@ from . import config
 from . import protocol as p
 from .broker.core import META_INTERVAL
 from .errors import ConfigError, RemoteProtocolError
+from .security import FederationKey, HandshakeWatch, key_from_environ, make_client
 
 __all__ = ["Collector", "main", "render"]
 
@@ -43,6 +44,7 @@ _EPILOG = """environment (used when META_ADDRESS is not given as an argument):
   META_ADDRESS      a broker's meta socket, e.g. tcp://10.0.0.5:5556
   BROKER_ADDRESS    a broker's task socket; its port + 1 is then the meta
                     socket (default tcp://127.0.0.1:5555, so tcp://127.0.0.1:5556)
+  FUTUREFED_KEY_FILE  the federation's key file, if its brokers use one
 
 output: one row per broker (name, task socket, workers, queued, running, lent,
 done, idle), the workers of each broker per host, then totals. A task a peer
@@ -103,6 +105,7 @@ class Collector:
         self.known: Dict[str, Optional[str]] = {}  # task address -> meta address
         self.listed_by: Dict[str, str] = {}  # task address -> name of a broker listing it
         self.malformed = 0
+        self.handshake_problem: Optional[str] = None  # set by collect()
         self.changed_at: Optional[float] = None  # when a broker was last learned of
         self._subscribed: Set[str] = {start}
         self._to_connect: List[str] = []
@@ -261,13 +264,17 @@ def render(collector: Collector) -> str:
 
 
 def collect(
-    address: str, timeout: float, context: Optional[zmq.Context] = None  # type: ignore[type-arg]
+    address: str, timeout: float, context: Optional[zmq.Context] = None,  # type: ignore[type-arg]
+    key: Optional[FederationKey] = None,
 ) -> Collector:
     """Subscribe to ``address`` and the meta sockets of every broker it
-    leads to; return what was heard within ``timeout`` seconds."""
+    leads to; return what was heard within ``timeout`` seconds. A failed
+    security handshake is noted in ``collector.handshake_problem``."""
     collector = Collector(address)
     ctx = context or zmq.Context.instance()
     sub = ctx.socket(zmq.SUB)
+    make_client(sub, key)
+    watch = HandshakeWatch(sub, key)
     try:
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
@@ -291,7 +298,10 @@ def collect(
                 except zmq.ZMQError:
                     pass  # an address we cannot use: that broker stays silent
     finally:
+        watch.check()
+        collector.handshake_problem = watch.problem
         sub.close(linger=0)
+        watch.close()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -335,6 +345,10 @@ def _parser() -> argparse.ArgumentParser:
         f" (default {DEFAULT_TIMEOUT:g})",
     )
     parser.add_argument(
+        "--key-file", metavar="FILE",
+        help="the federation's key file (overrides FUTUREFED_KEY_FILE)",
+    )
+    parser.add_argument(
         "--json", action="store_true",
         help="print one JSON document instead: {address, brokers: [LOAD...], silent, malformed}",
     )
@@ -349,20 +363,21 @@ def main(argv: Optional[List[str]] = None) -> int:
             address = config.check_address(args.address, "META_ADDRESS")
         else:
             address = config.from_environ().meta_address
+        key = key_from_environ(override=args.key_file)
     except ConfigError as exc:
         _fail(str(exc))
     if connectable(address) is None:
         _fail(f"cannot connect to {address}: name the host and port a broker publishes on")
     context = zmq.Context()
     try:
-        collector = collect(address, args.timeout, context)
+        collector = collect(address, args.timeout, context, key)
     except zmq.ZMQError as exc:
         _fail(f"cannot connect to {address}: {exc}")
     finally:
         context.destroy(linger=0)
     if not collector.latest:
-        print(f"fedstatus: no broker published on {address} (is a broker running there?)",
-              file=sys.stderr)
+        why = collector.handshake_problem or "is a broker running there?"
+        print(f"fedstatus: no broker published on {address} ({why})", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(collector.report(), indent=2, sort_keys=True))

@@ -5,6 +5,7 @@ federation instead (see ``futurefed.status``)."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import List, Optional, Tuple
@@ -12,6 +13,7 @@ from typing import List, Optional, Tuple
 from .. import config
 from .._cli import configure, parser
 from ..errors import ConfigError
+from ..security import KEY_FILE_VARIABLE, is_loopback
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -40,8 +42,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         help="the host name or address peers should use to reach this broker"
         " (default: as bound; a wildcard bind such as tcp://*:5555 advertises this host's FQDN)",
     )
+    cli.add_argument(
+        "--insecure", action="store_true",
+        help="allow binding a non-loopback address without a key file: anyone who can"
+        " reach it could run code as you (only on a network you trust entirely)",
+    )
     cli.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
-    args, env, address = configure(cli, argv)
+    args, env, address, key = configure(cli, argv)
     if args.status is not None:
         from ..status import main as status_main
 
@@ -51,12 +58,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as exc:
         print(f"fedbroker: {exc}", file=sys.stderr)
         return 2
+    exposed = [bound for bound in (address, meta or address) if not is_loopback(bound)]
+    if key is None and exposed:
+        if not args.insecure:
+            print(
+                f"fedbroker: refusing to bind {exposed[0]} without a key: anyone who can reach it"
+                f" could run code as you. Make a key with `fedkeys FILE` and set"
+                f" {KEY_FILE_VARIABLE}=FILE (or --key-file FILE) for every process of the"
+                f" federation, or pass --insecure on a network you trust entirely.",
+                file=sys.stderr,
+            )
+            return 2
+        logging.getLogger("futurefed.broker").warning(
+            "fedbroker: --insecure: %s accepts anyone who can reach it, and anyone can make"
+            " its workers run code", exposed[0],
+        )
     from .core import BindError, Broker
 
     broker = Broker(
         address, args.name or env.broker_name, meta_address=meta, peers=peers,
         advertise=args.advertise, lifeline=args.lifeline, ready_fd=args.ready_fd,
-        heartbeat=env.heartbeat, max_retries=env.max_retries,
+        heartbeat=env.heartbeat, max_retries=env.max_retries, key=key,
     )
     try:
         broker.bind()

@@ -28,11 +28,15 @@ import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from .. import protocol as p
-from .._sockets import drain, task_socket
+from .._sockets import drain, send_nowait, task_socket
 from ..config import meta_address_for
 from ..errors import ConfigError, RemoteProtocolError
+from ..security import (
+    REFUSAL_LOG_INTERVAL, FederationAuthenticator, FederationKey, make_client, make_server, monitor_socket,
+)
 from .state import BrokerState
 
 __all__ = ["Broker", "BindError"]
@@ -72,6 +76,14 @@ def _advertised(endpoint: str, host: Optional[str] = None) -> str:
     return endpoint if host is None else f"tcp://{host}:{port}"
 
 
+def _protocol_error_name(value: int) -> str:
+    """``ZMQ_PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH`` and the like, by number."""
+    for name in dir(zmq):
+        if name.startswith("PROTOCOL_ERROR_") and getattr(zmq, name) == value:
+            return name[len("PROTOCOL_ERROR_"):].lower()
+    return f"error {value}"
+
+
 def _bind_any_port(sock: Any, address: str) -> str:
     """Bind ``address`` (port 0 or ``*`` picks a free one); the endpoint bound."""
     if address.startswith("tcp://") and address.endswith(":0"):
@@ -93,6 +105,9 @@ class Broker:
             the task port plus one.
         advertise: the host name or address peers should use for this
             broker's sockets (default: as bound; a wildcard becomes the FQDN).
+        key: the federation key: every socket speaks CurveZMQ and only
+            holders of the key may connect (None: no authentication, which
+            ``fedbroker`` allows on loopback only, or with ``--insecure``).
     """
 
     def __init__(
@@ -108,8 +123,12 @@ class Broker:
         lifeline: Optional[int] = None,
         ready_fd: Optional[int] = None,
         context: Optional[zmq.Context] = None,  # type: ignore[type-arg]
+        key: Optional[FederationKey] = None,
     ) -> None:
         self.address = address
+        self.key = key
+        self.authenticator: Optional[FederationAuthenticator] = None
+        self.monitor: Any = None
         self.meta_bind = meta_address
         self.name = name
         self.peers = list(peers)
@@ -130,6 +149,8 @@ class Broker:
         self.meta_endpoint = ""
         self._published_key: Any = None
         self._published_at = 0.0
+        self._handshake_failures = 0
+        self._handshake_logged: Dict[str, float] = {}  # protocol error -> when last logged
 
     def bind(self) -> str:
         """Bind the task and meta sockets; returns the task endpoint bound.
@@ -137,7 +158,15 @@ class Broker:
         Raises:
             BindError: naming BROKER_ADDRESS or META_ADDRESS.
         """
+        if self.key is not None and self.authenticator is None:
+            # ZAP must answer before the first client can connect
+            self.authenticator = FederationAuthenticator(self.ctx, self.key, f"broker {self.name}")
+            self.authenticator.start()
         self.router = task_socket(self.ctx, zmq.ROUTER, linger_ms=1000)
+        make_server(self.router, self.key)
+        self.monitor = monitor_socket(
+            self.router, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+        )
         try:
             self.endpoint = _bind_any_port(self.router, self.address)
         except zmq.ZMQError as exc:
@@ -148,6 +177,7 @@ class Broker:
             meta = meta_address_for(self.address)
         self.publisher = self.ctx.socket(zmq.PUB)
         self.publisher.setsockopt(zmq.LINGER, 0)
+        make_server(self.publisher, self.key)
         try:
             self.meta_endpoint = _bind_any_port(self.publisher, meta)
         except zmq.ZMQError as exc:
@@ -197,6 +227,7 @@ class Broker:
                 self._subscribe(meta)  # the peer named its real meta socket
                 continue
             dealer = task_socket(self.ctx, zmq.DEALER, linger_ms=0)
+            make_client(dealer, self.key)
             try:
                 dealer.connect(task)
                 self._subscribe(meta)
@@ -251,7 +282,9 @@ class Broker:
         self.subscriber = self.ctx.socket(zmq.SUB)
         self.subscriber.setsockopt(zmq.LINGER, 0)
         self.subscriber.setsockopt(zmq.SUBSCRIBE, b"")
+        make_client(self.subscriber, self.key)
         poller.register(self.subscriber, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
         if self.lifeline is not None:
             poller.register(self.lifeline, zmq.POLLIN)
         router, state, links = self.router, self.state, self.links
@@ -272,10 +305,13 @@ class Broker:
                         self._receive(ident, frames)
             if self.subscriber in events:
                 self._take_load()
+            if self.monitor in events:
+                self._log_handshake_failures()
             for ident, frames in state.pump():
                 link = links.get(ident)
                 if link is not None:
-                    link.send_multipart(frames, copy=False)
+                    if not send_nowait(link, frames):  # its handshake failed: a wrong key
+                        logger.debug("broker %s: no connection to a peer; dropped a message", self.name)
                 else:
                     router.send_multipart([ident, *frames], copy=False)
             found = state.take_new_brokers()
@@ -286,6 +322,29 @@ class Broker:
             if check is not None:
                 timeout = min(timeout, check)
 
+    def _log_handshake_failures(self) -> None:
+        """A client that failed the handshake (no key where one is needed, a
+        key where none is, or not ZeroMQ at all) never reached us; say so,
+        at most once per REFUSAL_LOG_INTERVAL."""
+        now = time.monotonic()
+        for frames in drain(self.monitor, MAX_DRAIN):
+            event = parse_monitor_message([frame.bytes for frame in frames])
+            self._handshake_failures += 1
+            error = (
+                _protocol_error_name(event["value"])
+                if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                else os.strerror(event["value"])
+            )
+            if now - self._handshake_logged.get(error, -REFUSAL_LOG_INTERVAL) < REFUSAL_LOG_INTERVAL:
+                continue
+            self._handshake_logged[error] = now
+            logger.warning(
+                "broker %s: a client failed the handshake on %s (%s; %d failures so far): it"
+                " has no key or another key, has one where none is used, or does not speak ZeroMQ",
+                self.name, event["endpoint"].decode(errors="replace"), error,
+                self._handshake_failures,
+            )
+
     def _receive(self, ident: bytes, frames: List[Any]) -> None:
         try:
             self.state.receive(ident, frames)
@@ -293,6 +352,10 @@ class Broker:
             logger.exception("broker %s: error handling a message", self.name)
 
     def close(self) -> None:
+        if self.monitor is not None:
+            self.router.disable_monitor()
+            self.monitor.close(linger=0)
+            self.monitor = None
         if self.router is not None:
             for ident, frames in self.state.drop_all():
                 link = self.links.get(ident)
@@ -310,3 +373,6 @@ class Broker:
                 sock.close(linger=200)  # time for a BYE to leave
         self.publisher = self.subscriber = None
         self.links.clear()
+        if self.authenticator is not None:
+            self.authenticator.stop()
+            self.authenticator = None

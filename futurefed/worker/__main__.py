@@ -23,19 +23,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         "--connect-timeout", type=float, default=CONNECT_TIMEOUT, metavar="SECONDS",
         help=f"give up if no broker answers within this long (default {CONNECT_TIMEOUT:g})",
     )
-    args, env, address = configure(cli, argv)
+    args, env, address, key = configure(cli, argv)
     from .loop import Worker
 
     worker = Worker(
         address, args.name or env.worker_name, heartbeat=env.heartbeat,
-        lifeline=args.lifeline, connect_timeout=args.connect_timeout,
+        lifeline=args.lifeline, connect_timeout=args.connect_timeout, key=key,
     )
     status = worker.run()
     if worker.gave_up:
         source = "--address" if args.address else "BROKER_ADDRESS"
         print(
             f"fedworker: no broker answered at {source}={address}"
-            f" within {args.connect_timeout:g} s",
+            f" within {args.connect_timeout:g} s"
+            + (f": {worker.handshake_problem}" if worker.handshake_problem else ""),
             file=sys.stderr,
         )
     return status

@@ -34,7 +34,8 @@ from .. import protocol as p
 from .. import serialize
 from .._future import CANCEL_TIMEOUT, TaskFuture
 from .._versions import local_versions
-from .._sockets import drain, task_socket
+from .._sockets import drain, send_nowait, task_socket
+from ..security import FederationKey, HandshakeWatch, make_client
 from ..outcome import resolve_future, run_call
 from ..errors import RemoteProtocolError, SerializationError
 from .green import GreenFuture, Hub, Waiter
@@ -90,8 +91,13 @@ class Worker:
         heartbeat: float = 1.0,
         connect_timeout: Optional[float] = None,
         context: Optional[zmq.Context] = None,  # type: ignore[type-arg]
+        key: Optional[FederationKey] = None,
     ) -> None:
         self.address = address
+        self.key = key
+        self.handshake: Optional[HandshakeWatch] = None  # until WELCOME
+        self._poller: Optional[zmq.Poller] = None
+        self.handshake_problem: Optional[str] = None  # why the broker would not have us
         self.name = name
         self.lifeline = lifeline
         self.heartbeat = heartbeat
@@ -153,6 +159,8 @@ class Worker:
 
     def connect(self) -> None:
         self.sock = task_socket(self.ctx, zmq.DEALER, linger_ms=1000)
+        make_client(self.sock, self.key)
+        self.handshake = HandshakeWatch(self.sock, self.key)
         self.sock.connect(self.address)
         if self.lifeline is not None:
             threading.Thread(
@@ -176,6 +184,7 @@ class Worker:
             if self.sock is not None:
                 if not self.stopping:
                     self._send(p.Bye())
+                self._stop_watching()
                 self.sock.close()
                 self.sock = None
 
@@ -193,10 +202,12 @@ class Worker:
                 self._sock_lock.release()
 
     def serve(self) -> None:
-        poller = zmq.Poller()
+        poller = self._poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         if self.lifeline is not None:
             poller.register(self.lifeline, zmq.POLLIN)
+        if self.handshake is not None:
+            poller.register(self.handshake.monitor, zmq.POLLIN)
         deadline = None
         if self.connect_timeout is not None:
             deadline = time.monotonic() + self.connect_timeout
@@ -222,6 +233,11 @@ class Worker:
             if self.lifeline is not None and self.lifeline in events:
                 logger.info("worker %s: lifeline closed, exiting", self.name)
                 return
+            if self.handshake is not None and self.handshake.monitor in events:
+                problem = self.handshake.check()
+                if problem is not None:
+                    self.handshake_problem = problem
+                    logger.error("worker %s: %s", self.name, problem)
             if self.sock in events and self._cancel_waits:
                 self._wake_cancellers()
             silent = time.monotonic() - self.last_heard
@@ -246,8 +262,17 @@ class Worker:
             if self.stopping:
                 return
 
+    def _stop_watching(self) -> None:
+        """Joined (or leaving): the handshake has no more to tell."""
+        if self.handshake is not None:
+            if self._poller is not None:
+                self._poller.unregister(self.handshake.monitor)
+            self.handshake.close()
+            self.handshake = None
+
     def _on_welcome(self, message: p.Welcome) -> None:
         self.welcomed = True
+        self._stop_watching()
         logger.debug("worker %s joined broker %s", self.name, message.meta.get("broker"))
 
     def _on_refuse(self, message: p.Refuse) -> None:
@@ -414,7 +439,9 @@ class Worker:
     def _send(self, message: p.Message) -> None:
         frames = p.encode(message)
         with self._sock_lock:
-            self.sock.send_multipart(frames, copy=False)
+            if not send_nowait(self.sock, frames):
+                logger.debug("worker %s: no connection to the broker; dropped %s",
+                             self.name, message.command.name)
         self.last_sent = time.monotonic()
 
     def _flush(self) -> None:

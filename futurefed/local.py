@@ -1,7 +1,10 @@
-"""The embedded local federation: one broker and N workers on loopback.
+"""The embedded local federation: one broker and N workers on this host.
 
 Started by a :class:`~futurefed.FederatedExecutor` that has no federation to
-join. Every child process holds the read end of a *lifeline* pipe whose only
+join. Its sockets are ``ipc://`` endpoints in a directory only this user can
+enter (mode 0700), so the kernel admits no other user's process: the
+federation is authenticated without CurveZMQ's per-byte cost, and has no TCP
+port at all (docs/security.md). Every child process holds the read end of a *lifeline* pipe whose only
 write end stays in this process: when this process exits, however it dies
 (even SIGKILL), the children read end-of-file and exit. No orphans.
 """
@@ -12,8 +15,10 @@ import json
 import logging
 import os
 import select
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -30,6 +35,8 @@ STDERR_TAIL = 20
 #: Dead workers replaced in the life of one federation, at most (a task
 #: that kills every worker fails with WorkerLost long before this).
 MAX_REPLACEMENTS = 1000
+#: Longest runtime directory whose ipc:// socket names fit in sun_path.
+IPC_DIRECTORY_MAX = 90
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +52,16 @@ def _relay_stderr(stream: Any, tail: "Deque[str]") -> None:
         except (OSError, ValueError):
             pass  # our stderr is gone: keep the tail anyway
     stream.close()
+
+
+def _private_directory() -> str:
+    """A new directory only this user may enter, with a path short enough
+    for ipc:// socket names (at most 107 bytes on Linux)."""
+    path = tempfile.mkdtemp(prefix="futurefed-")  # mode 0700
+    if len(path) > IPC_DIRECTORY_MAX:
+        os.rmdir(path)
+        path = tempfile.mkdtemp(prefix="futurefed-", dir="/tmp")
+    return path
 
 
 def child_environment(extra: Dict[str, str]) -> Dict[str, str]:
@@ -70,12 +87,14 @@ class LocalFederation:
         self._closing = threading.Event()
         self._replacing = threading.Lock()
         self._python = python
+        self.runtime_dir = _private_directory()
         lifeline_r, self._lifeline_w = os.pipe()
         ready_r, ready_w = os.pipe()
         try:
             name = f"local-{os.getpid()}"
             broker = subprocess.Popen(
-                [python, "-m", "futurefed.broker", "--address", "tcp://127.0.0.1:0",
+                [python, "-m", "futurefed.broker",
+                 "--address", f"ipc://{os.path.join(self.runtime_dir, 'tasks')}",
                  "--name", name, "--lifeline", str(lifeline_r), "--ready-fd", str(ready_w)],
                 pass_fds=(lifeline_r, ready_w),
                 env=child_environment({"BROKER_NAME": name}),
@@ -184,6 +203,7 @@ class LocalFederation:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
     @property
     def pids(self) -> List[int]:

@@ -11,6 +11,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .. import hosts as hostlist
 from ..errors import ConfigError
+from ..security import FederationKey
 from .channels import AgentCommand, Channel, LocalChannel, srun_channel
 
 _EPILOG = """hosts: each --hosts item (or hostfile line) is host, host:slots,
@@ -82,6 +83,11 @@ def parser() -> argparse.ArgumentParser:
         "--tunnel", action="store_true",
         help="the program reaches the first host's broker through its ssh connection"
         " (when that host is not reachable directly from here)",
+    )
+    net.add_argument(
+        "--key-file", metavar="FILE",
+        help="use this federation key (made by fedkeys) instead of a new one for this run,"
+        " so that processes started by hand can join (docs/security.md)",
     )
     net.add_argument(
         "--broker-port", type=int, default=0, metavar="PORT",
@@ -259,6 +265,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not 0 <= args.broker_port <= 65534:
             raise ConfigError(f"--broker-port {args.broker_port} is out of range")
         channels, hosts, bind_host = build(args)
+        key = FederationKey.load(args.key_file, "--key-file") if args.key_file else None
         if args.log_dir:
             os.makedirs(args.log_dir, exist_ok=True)
     except ConfigError as exc:
@@ -292,7 +299,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     plan = Plan(
         program=program, workers=args.workers, bind_host=bind_host, broker_port=args.broker_port,
         env=env, nice=args.nice, log_dir=args.log_dir, verbose=args.verbose,
-        prefix_output=not args.no_prefix, tunnel=args.tunnel,
+        prefix_output=not args.no_prefix, tunnel=args.tunnel, key=key,
     )
     try:
         return Session(plan, channels, command, distribute).run()

@@ -82,6 +82,8 @@ class HostAgent:
         self.replaced = 0
         self.lifeline_r, self.lifeline_w = os.pipe()
         self.stopping = threading.Event()
+        self.key: Any = None  # the federation key fedrun sent, if any
+        self.key_file: Any = None  # it, for the children (security.KeyFile)
 
     # -- children ------------------------------------------------------------------------
 
@@ -134,12 +136,22 @@ class HostAgent:
         """Start the broker, then the workers, as ``spec`` says::
 
             {"name": "node1", "bind": "tcp://*:0", "advertise": "10.0.0.1" | null,
-             "peers": [[task, meta], ...], "workers": 4, "env": {...}, "nice": 0}
+             "peers": [[task, meta], ...], "workers": 4, "env": {...}, "nice": 0,
+             "key": "PUBLIC SECRET" | null}
+
+        The key reaches the broker and workers in a file only this user can
+        read, named by FUTUREFED_KEY_FILE, removed when the agent stops.
         """
+        from ..security import KEY_FILE_VARIABLE, FederationKey, KeyFile
+
         python = sys.executable
         name = str(spec["name"])
         base_env = {**os.environ, **{str(k): str(v) for k, v in spec.get("env", {}).items()}}
         base_env["PYTHONUNBUFFERED"] = "1"
+        if spec.get("key"):
+            self.key = FederationKey.from_text(str(spec["key"]))
+            self.key_file = KeyFile(self.key)
+            base_env[KEY_FILE_VARIABLE] = self.key_file.path
         peers = spec.get("peers") or []
         ready_r, ready_w = os.pipe()
         broker_env = {
@@ -184,7 +196,7 @@ class HostAgent:
             )
             self.restarts[worker_name] = start
             start()
-        joined = _await_workers(ready["meta"], count, self.children)
+        joined = _await_workers(ready["meta"], count, self.children, self.key)
         self.out.json("joined", {"workers": joined})
 
     # -- stopping --------------------------------------------------------------------------
@@ -205,23 +217,29 @@ class HostAgent:
                 process.wait()
         for reader in self.readers:
             reader.join(STOP_TIMEOUT)
+        if self.key_file is not None:
+            self.key_file.close()
 
 
 class _StartError(Exception):
     pass
 
 
-def _await_workers(meta_endpoint: str, count: int, children: List["subprocess.Popen[bytes]"]) -> int:
+def _await_workers(
+    meta_endpoint: str, count: int, children: List["subprocess.Popen[bytes]"], key: Any
+) -> int:
     """Watch the broker's LOAD until ``count`` workers have joined it (or a
     child died, or :data:`JOIN_TIMEOUT` passed); how many joined."""
     import zmq
 
     from .. import protocol as p
+    from ..security import make_client
 
     port = meta_endpoint.rsplit(":", 1)[1]
     sub = zmq.Context.instance().socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
+    make_client(sub, key)
     sub.connect(f"tcp://127.0.0.1:{port}")
     joined = 0
     deadline = time.monotonic() + JOIN_TIMEOUT

@@ -30,6 +30,7 @@ from concurrent import futures
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Dict, List, Optional, Sequence, TextIO
 
+from ..security import KEY_FILE_VARIABLE, FederationKey, KeyFile
 from .channels import AgentCommand, Channel, LaunchError
 
 #: How long an agent may take to start and say ``@ready``.
@@ -61,6 +62,8 @@ class Plan:
     verbose: bool = False
     prefix_output: bool = True
     tunnel: bool = False
+    #: The federation key; None: a new one for this run (docs/security.md).
+    key: Optional[FederationKey] = None
 
 
 class _Agent:
@@ -104,6 +107,7 @@ class Session:
         self.stopping = False
         self.origin: Optional["subprocess.Popen[bytes]"] = None
         self._wake = threading.Event()  # the program ended, or the session failed
+        self.key = plan.key or FederationKey.generate()
 
     # -- output --------------------------------------------------------------------------
 
@@ -309,6 +313,7 @@ class Session:
             "workers": count,
             "env": self.plan.env,
             "nice": self.plan.nice,
+            "key": self.key.text(),  # over the channel's stdin: never on a command line
         }
         if not agent.channel.send("@start " + json.dumps(spec)):
             self._fail(f"{agent.channel.label}: the host agent stopped listening")
@@ -338,18 +343,22 @@ class Session:
                 self.say(f"{agent.channel.label}: only {agent.joined} of {agent.workers} workers joined")
 
     def _run_origin(self, address: str) -> int:
-        env = {
-            **os.environ, **self.plan.env,
-            "IS_ORIGIN": "1", "BROKER_ADDRESS": address,
-            "BROKER_NAME": self.agents[0].channel.label, "WORKER_NAME": "origin",
-        }
-        try:
-            self.origin = subprocess.Popen(
-                list(self.plan.program), env=env, preexec_fn=_die_with_parent
-            )
-        except OSError as exc:
-            raise SessionError(f"cannot run {self.plan.program[0]}: {exc.strerror}") from None
-        origin = self.origin
+        with KeyFile(self.key) as key_file:
+            env = {
+                **os.environ, **self.plan.env,
+                "IS_ORIGIN": "1", "BROKER_ADDRESS": address,
+                "BROKER_NAME": self.agents[0].channel.label, "WORKER_NAME": "origin",
+                KEY_FILE_VARIABLE: key_file.path,
+            }
+            try:
+                self.origin = subprocess.Popen(
+                    list(self.plan.program), env=env, preexec_fn=_die_with_parent
+                )
+            except OSError as exc:
+                raise SessionError(f"cannot run {self.plan.program[0]}: {exc.strerror}") from None
+            return self._await_origin(self.origin)
+
+    def _await_origin(self, origin: "subprocess.Popen[bytes]") -> int:
         threading.Thread(target=lambda: (origin.wait(), self._wake.set()), daemon=True).start()
         try:
             while not self._wake.wait(3600):

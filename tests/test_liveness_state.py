@@ -4,6 +4,7 @@ only when told (docs/protocol.md, HEARTBEAT)."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -125,3 +126,145 @@ def test_a_silent_origin_is_lost_and_its_work_dropped(fed):
     assert only(out, b"w1", p.Cancel).ids == [t.task_id]
     assert fed.load()["queued"] == 0 and b"o" not in fed.state.peers
     assert to(out, b"o") == []
+
+
+# -- WORKER_EXIT: a supervisor says a worker ended ---------------------------------------
+
+
+@pytest.fixture
+def sup(fed):
+    """``fed`` plus a supervisor ``s`` on host h1 (w1's host)."""
+    fed.connect(b"s", "supervisor", host="h1", pid=99)
+    return fed
+
+
+def exited(worker="w1", pid=11, returncode=-9, stderr=("Traceback ...", "MemoryError")):
+    return p.WorkerExit.of(worker, pid, returncode, list(stderr))
+
+
+def test_a_notice_loses_the_worker_at_once_and_its_tasks_run_elsewhere(sup):
+    sup.submit(b"o", [task(1), task(2)], BLOBS)
+    sup.credit(b"w1", 2)
+    assert len(only(sup.pump(), b"w1", p.Tasks).tasks) == 2
+    sup.send(b"s", exited())
+    assert sup.load()["workers"] == 2  # handled in the next pump, not on receipt
+    out = sup.pump()  # no time has passed: no heartbeat is missed
+    assert b"w1" not in sup.state.peers and to(out, b"w1") == []
+    assert sup.load()["workers"] == 1 and sup.load()["queued"] == 2
+    assert [sup.state.tasks[(b"o", i)].attempts for i in (1, 2)] == [1, 1]
+    sup.credit(b"w2", 2)
+    again = only(sup.pump(), b"w2", p.Tasks).tasks
+    assert sorted(t.frames[0] for t in again) == [b"call-1", b"call-2"]
+
+
+def test_a_task_lost_once_too_often_carries_how_its_last_worker_ended(sup):
+    sup.submit(b"o", [task(1)], BLOBS)
+    ends = [(b"w1", "h1", 11, 3), (b"w3", "h1", 33, -11), (b"w4", "h1", 44, -9)]
+    for ident, host, pid, returncode in ends:
+        if ident not in sup.state.peers:
+            sup.connect(ident, "worker", host=host, pid=pid)
+        sup.credit(ident, 1)
+        assert len(only(sup.pump(), ident, p.Tasks).tasks) == 1
+        sup.send(b"s", exited(ident.decode(), pid, returncode, [f"last words of {pid}"]))
+        out = sup.pump()
+    # max_retries=2: three runs, three losses, each noticed at once
+    (record,) = only(out, b"o", p.Results).results
+    assert record.status is p.Status.LOST
+    info = json.loads(bytes(record.frames[0]))
+    assert (info["worker"], info["host"], info["pid"], info["attempts"]) == ("w4", "h1", 44, 3)
+    assert info["status"] is None and info["signal"] == 9
+    assert info["stderr"] == ["last words of 44"]
+    assert info["reason"] == "killed by SIGKILL (its supervisor saw it end)"
+    assert sup.load()["queued"] == 0 and sup.load()["done"] == 1
+
+
+def test_an_exit_status_reaches_the_lost_record():
+    broker = Broker(heartbeat=BEAT, max_retries=0)
+    broker.connect(b"o", "origin")
+    broker.connect(b"w", "worker", host="h", pid=5)
+    broker.connect(b"s", "supervisor", host="h")
+    broker.submit(b"o", [task(1)], BLOBS)
+    broker.credit(b"w", 1)
+    broker.pump()
+    broker.send(b"s", exited("w", 5, 3, ["dying of 3"]))
+    (record,) = only(broker.pump(), b"o", p.Results).results
+    info = json.loads(bytes(record.frames[0]))
+    assert (info["status"], info["signal"], info["stderr"]) == (3, None, ["dying of 3"])
+    assert info["reason"] == "exited with status 3 (its supervisor saw it end)"
+
+
+def test_results_received_before_the_pump_are_handled_first(sup):
+    """The worker's last RESULTS, drained in the same turn as the notice,
+    settle their tasks: nothing is requeued or counted as an attempt."""
+    sup.submit(b"o", [task(1), task(2)], BLOBS)
+    sup.credit(b"w1", 2)
+    sent = only(sup.pump(), b"w1", p.Tasks).tasks
+    sup.send(b"s", exited())
+    sup.results(b"w1", ok(sent[0].task_id))
+    out = sup.pump()
+    assert [r.task_id for r in only(out, b"o", p.Results).results] == [1]
+    assert sup.load()["queued"] == 1 and sup.state.tasks[(b"o", 2)].attempts == 1
+
+
+@pytest.mark.parametrize("notice", [
+    exited(worker="w9"),  # no such worker
+    exited(pid=12),  # w1's name, another pid: a replacement, say
+    exited(worker="w2", pid=22),  # w2 is on h2, the supervisor on h1
+])
+def test_a_notice_for_no_worker_of_ours_is_ignored(sup, notice, caplog):
+    caplog.set_level(logging.INFO, logger="futurefed.broker.state")
+    sup.submit(b"o", [task(1)], BLOBS)
+    sup.credit(b"w1", 1)
+    sup.pump()
+    sup.send(b"s", notice)
+    assert sup.pump() == []
+    assert sup.load()["workers"] == 2 and sup.load()["running"] == 1
+    assert "no such worker here: ignored" in caplog.text
+
+
+@pytest.mark.parametrize("sender", [b"o", b"w2", b"w1", b"stranger"])
+def test_only_a_supervisor_may_send_a_notice(sup, sender, caplog):
+    sup.send(sender, exited())
+    assert sup.pump() == []
+    assert sup.load()["workers"] == 2
+    assert "dropped a message" in caplog.text
+
+
+@pytest.mark.parametrize("message", [
+    p.Submit([task(1)], BLOBS), p.Credit(5), p.Results([ok(1)]), p.Started([1]), p.Cancel([1]),
+])
+def test_a_supervisor_submits_and_runs_nothing(sup, message):
+    before = sup.load()
+    sup.send(b"s", message)
+    assert sup.pump() == []
+    assert sup.load() == before and not sup.state.tasks and b"s" not in sup.state.ready
+
+
+def test_a_second_notice_for_the_same_worker_changes_nothing(sup):
+    sup.submit(b"o", [task(1)], BLOBS)
+    sup.credit(b"w1", 1)
+    sup.pump()
+    sup.send(b"s", exited())
+    sup.send(b"s", exited())
+    sup.pump()
+    sup.send(b"s", exited())
+    assert sup.pump() == []
+    assert sup.state.tasks[(b"o", 1)].attempts == 1
+
+
+def test_a_worker_that_left_before_the_pump_is_not_lost(sup):
+    sup.submit(b"o", [task(1)], BLOBS)
+    sup.credit(b"w1", 1)
+    sup.pump()
+    sup.send(b"s", exited())
+    sup.send(b"w1", p.Bye())  # said goodbye after all (same turn)
+    sup.pump()
+    assert sup.state.tasks[(b"o", 1)].attempts == 0
+
+
+def test_a_supervisor_that_says_bye_is_forgotten(sup):
+    sup.send(b"s", exited())
+    sup.send(b"s", p.Bye())
+    sup.pump()
+    assert b"s" not in sup.state.peers and b"w1" not in sup.state.peers
+    assert sup.load()["workers"] == 1

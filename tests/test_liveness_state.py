@@ -268,3 +268,74 @@ def test_a_supervisor_that_says_bye_is_forgotten(sup):
     sup.pump()
     assert b"s" not in sup.state.peers and b"w1" not in sup.state.peers
     assert sup.load()["workers"] == 1
+
+
+# -- the origin's WorkerLost, from a LOST record ---------------------------------------------
+
+
+def lost_record(**fields):
+    info = {"host": "h1", "worker": "h1.w0", "pid": 11, "reason": "silent for 3.1 s", "attempts": 4, **fields}
+    return [json.dumps(info).encode()]
+
+
+def test_worker_lost_names_how_the_worker_ended_as_the_record_says():
+    from futurefed.outcome import worker_lost
+
+    error = worker_lost(lost_record(
+        reason="killed by SIGKILL (its supervisor saw it end)", status=None, signal=9,
+        stderr=["Traceback (most recent call last):", "MemoryError"],
+    ))
+    assert (error.host, error.worker, error.pid) == ("h1", "h1.w0", 11)
+    assert error.exit_status == -9 and error.signal == 9
+    assert error.stderr_tail == ["Traceback (most recent call last):", "MemoryError"]
+    assert str(error) == (
+        "the task's worker was lost each of the 4 times it ran; the last was h1.w0 on h1 (pid 11):"
+        " killed by SIGKILL (its supervisor saw it end); its last lines on stderr:\n"
+        "  Traceback (most recent call last):\n  MemoryError"
+    )
+    exited = worker_lost(lost_record(status=3, signal=None, stderr=[]))
+    assert exited.exit_status == 3 and exited.signal is None and exited.stderr_tail == []
+
+
+def test_worker_lost_asks_exit_info_only_when_the_record_does_not_say():
+    from futurefed.outcome import worker_lost
+
+    asked = []
+
+    def exit_info(pid):
+        asked.append(pid)
+        return 7, ["dying of 3"]
+
+    error = worker_lost(lost_record(), exit_info)
+    assert asked == [11] and error.exit_status == 7 and error.stderr_tail == ["dying of 3"]
+    assert "; it exited with status 7; its last lines on stderr:\n  dying of 3" in str(error)
+    error = worker_lost(lost_record(status=None, signal=15, stderr=["bye"]), exit_info)
+    assert asked == [11] and error.exit_status == -15 and error.stderr_tail == ["bye"]
+
+
+@pytest.mark.parametrize("fields", [
+    {}, {"status": True}, {"status": -1}, {"signal": 0}, {"signal": "9"}, {"status": None, "signal": None},
+    {"status": 1.5},
+])
+def test_worker_lost_without_a_usable_exit_has_none(fields):
+    from futurefed.outcome import worker_lost
+
+    error = worker_lost(lost_record(stderr=["x"], **fields))
+    assert error.exit_status is None and error.signal is None and error.stderr_tail == []
+
+
+@pytest.mark.parametrize("stderr, kept", [
+    ("not a list", []), ([1, "a", None, "b"], ["a", "b"]), ([str(i) for i in range(300)], [str(i) for i in range(200, 300)]),
+])
+def test_worker_lost_keeps_only_string_lines(stderr, kept):
+    from futurefed.outcome import worker_lost
+
+    assert worker_lost(lost_record(status=1, stderr=stderr)).stderr_tail == kept
+
+
+@pytest.mark.parametrize("frames", [[], [b"not json"], [b"[1]"], [b"\xff"]])
+def test_worker_lost_from_a_malformed_record(frames):
+    from futurefed.outcome import worker_lost
+
+    error = worker_lost(frames)
+    assert error.worker == "?" and error.exit_status is None

@@ -16,7 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from futurefed import protocol as p
 from futurefed.broker import state as state_module
-from futurefed.broker.state import BrokerState
+from futurefed.broker.state import ISOLATE_FOR, BrokerState
 
 FN = b"F" * p.DIGEST_SIZE
 FN2 = b"G" * p.DIGEST_SIZE
@@ -1173,8 +1173,23 @@ class BrokerMachine(RuleBasedStateMachine):
     def check_after_pump(self):
         s = self.state
         load = s.load()
-        # work-conserving: nothing waits while a worker has credit
-        assert not (load["queued"] and load["credit"]), load
+        # work-conserving: nothing waits while a worker has credit, except a
+        # suspect (a task that lost its worker) waiting for a worker that
+        # holds no other, for ISOLATE_FOR at most
+        now = s.clock()
+
+        def isolated(t):
+            return t.attempts and now - t.lost_at < ISOLATE_FOR
+
+        waiting = [t for t in s.queue if not (t.cancelled or t.done)]
+        if load["credit"]:
+            assert all(isolated(t) for t in waiting), load
+            for ident, peer in s.peers.items():
+                if waiting and peer.role == "worker" and peer.credit:
+                    assert BrokerState._holds_suspect(ident, peer, now), f"{ident} could take a suspect"
+        for ident, peer in s.peers.items():  # suspects run apart
+            live = [t for bid, t in peer.inflight.items() if t.worker == ident and t.bid == bid]
+            assert sum(1 for t in live if isolated(t) and not (t.cancelled or t.done)) <= 1, ident
         # every live task is in exactly one place
         queued = [t for t in s.queue if not (t.cancelled or t.done)]
         assert len(queued) == s.queued == load["queued"]

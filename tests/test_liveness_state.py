@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from futurefed import protocol as p
-from futurefed.broker.state import LIVENESS
+from futurefed.broker.state import ISOLATE_FOR, LIVENESS
 
 from test_broker_state import BLOBS, Broker, ok, only, task, to
 
@@ -73,10 +73,21 @@ def test_a_silent_worker_is_lost_and_its_tasks_run_elsewhere(fed):
     fed.pump()
     assert fed.load()["workers"] == 1 and fed.load()["queued"] == 2
     fed.credit(b"w2", 2)
-    again = only(fed.pump(), b"w2", p.Tasks).tasks
-    assert sorted(t.frames[0] for t in again) == [b"call-1", b"call-2"]
-    fed.results(b"w2", *[ok(t.task_id) for t in again])
-    assert sorted(r.task_id for r in only(fed.pump(), b"o", p.Results).results) == [1, 2]
+    assert sorted(run_apart(fed, b"w2", 2)) == [b"call-1", b"call-2"]
+
+
+def run_apart(fed, worker, count):
+    """Let ``worker`` run ``count`` suspects, which it gets one at a time
+    (ISOLATE_FOR); their payloads, and each result reached the origin."""
+    ran = []
+    out = fed.pump()
+    for _ in range(count):
+        (t,) = only(out, worker, p.Tasks).tasks
+        ran.append(t.frames[0])
+        fed.results(worker, ok(t.task_id))
+        out = fed.pump()
+        assert len(only(out, b"o", p.Results).results) == 1
+    return ran
 
 
 def lose(fed, ident, keep):
@@ -153,8 +164,7 @@ def test_a_notice_loses_the_worker_at_once_and_its_tasks_run_elsewhere(sup):
     assert sup.load()["workers"] == 1 and sup.load()["queued"] == 2
     assert [sup.state.tasks[(b"o", i)].attempts for i in (1, 2)] == [1, 1]
     sup.credit(b"w2", 2)
-    again = only(sup.pump(), b"w2", p.Tasks).tasks
-    assert sorted(t.frames[0] for t in again) == [b"call-1", b"call-2"]
+    assert sorted(run_apart(sup, b"w2", 2)) == [b"call-1", b"call-2"]
 
 
 def test_a_task_lost_once_too_often_carries_how_its_last_worker_ended(sup):
@@ -339,3 +349,68 @@ def test_worker_lost_from_a_malformed_record(frames):
 
     error = worker_lost(frames)
     assert error.worker == "?" and error.exit_status is None
+
+
+# -- suspects run apart ----------------------------------------------------------------------
+
+
+def lose_with(sup, worker, pid, ids):
+    """``worker`` takes tasks ``ids`` and dies (its supervisor says so)."""
+    sup.submit(b"o", [task(i) for i in ids], BLOBS)
+    sup.credit(worker, len(ids))
+    assert len(only(sup.pump(), worker, p.Tasks).tasks) == len(ids)
+    sup.send(b"s", exited(worker.decode(), pid))
+    return sup.pump()
+
+
+def test_tasks_that_lost_their_worker_go_to_different_workers(sup):
+    lose_with(sup, b"w1", 11, [1, 2, 3])
+    sup.credit(b"w2", 5)
+    (first,) = only(sup.pump(), b"w2", p.Tasks).tasks
+    sup.connect(b"w3", "worker", host="h1", pid=33)
+    sup.credit(b"w3", 5)
+    (second,) = only(sup.pump(), b"w3", p.Tasks).tasks
+    assert {first.frames[0], second.frames[0]} < {b"call-1", b"call-2", b"call-3"}
+    assert sup.load()["queued"] == 1  # the third waits for a worker without a suspect
+    sup.submit(b"o", [task(4)], BLOBS)  # a fresh task may join a suspect
+    assert [t.frames[0] for t in only(sup.pump(), b"w2", p.Tasks).tasks] == [b"call-4"]
+    sup.results(b"w3", ok(second.task_id))
+    (third,) = only(sup.pump(), b"w3", p.Tasks).tasks
+    assert third.frames[0] not in (first.frames[0], second.frames[0])
+
+
+def test_a_suspect_waits_for_isolation_at_most_isolate_for(sup):
+    lose_with(sup, b"w1", 11, [1, 2])
+    sup.credit(b"w2", 5)
+    assert len(only(sup.pump(), b"w2", p.Tasks).tasks) == 1
+    assert sup.state.next_check() == pytest.approx(ISOLATE_FOR)
+    sup.tick(ISOLATE_FOR / 2)
+    assert sup.pump() == [] and sup.state.next_check() == pytest.approx(ISOLATE_FOR / 2)
+    sup.tick(ISOLATE_FOR / 2)
+    assert len(only(sup.pump(), b"w2", p.Tasks).tasks) == 1  # no other worker came: it goes anyway
+    assert sup.state.next_check() is None
+
+
+def test_the_tasks_that_shared_a_poisoned_worker_survive_it():
+    """max_retries=1: a task that kills every worker it runs on fails after
+    two deaths; the two that shared its first worker were charged that
+    death, but run apart from it afterwards and complete."""
+    broker = Broker(heartbeat=BEAT, max_retries=1)
+    broker.connect(b"o", "origin")
+    broker.connect(b"s", "supervisor", host="h")
+    for ident, pid in ((b"w1", 11), (b"w2", 22)):
+        broker.connect(ident, "worker", host="h", pid=pid)
+    lose_with(broker, b"w1", 11, [1, 2, 3])  # 1 kills it
+    broker.credit(b"w2", 3)
+    (poison,) = only(broker.pump(), b"w2", p.Tasks).tasks  # one suspect only: say it kills w2
+    broker.send(b"s", exited("w2", 22))
+    out = broker.pump()
+    (record,) = only(out, b"o", p.Results).results
+    assert record.status is p.Status.LOST and b"call-%d" % record.task_id == poison.frames[0]
+    for ident, pid in ((b"w3", 33), (b"w4", 44)):  # the replacements
+        broker.connect(ident, "worker", host="h", pid=pid)
+    broker.credit(b"w3", 3)
+    broker.credit(b"w4", 3)
+    out = broker.pump()
+    survivors = [only(out, ident, p.Tasks).tasks for ident in (b"w3", b"w4")]
+    assert sorted(t.frames[0] for (t,) in survivors) == sorted({b"call-1", b"call-2", b"call-3"} - {poison.frames[0]})

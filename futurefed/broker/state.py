@@ -73,6 +73,11 @@ LIVENESS = 3
 MAX_RETRIES = 3
 #: At most this many peers (and hosts) are read from or put in a LOAD message.
 MAX_PEERS = 256
+#: A task whose worker was lost (a *suspect*: it may be what killed it) is
+#: not sent to a worker that holds another suspect, for this long at most
+#: after the loss. So a task that kills workers takes the tasks that shared
+#: its worker along at most once; after that they run apart from it.
+ISOLATE_FOR = 1.0
 
 
 def _count(value: Any) -> int:
@@ -146,7 +151,7 @@ class QueuedTask:
     __slots__ = (
         "origin", "task_id", "fn", "init", "frames",
         "worker", "bid", "cancelled", "started", "done", "dispatched_at", "handed_out", "avoid",
-        "attempts",
+        "attempts", "lost_at",
     )
 
     def __init__(self, origin: bytes, record: p.TaskRecord) -> None:
@@ -164,6 +169,7 @@ class QueuedTask:
         self.handed_out = False  # ever dispatched: its origin can no longer cancel it
         self.avoid: Optional[bytes] = None  # revoked from this worker: not back to it this turn
         self.attempts = 0  # runs whose worker was lost
+        self.lost_at = 0.0  # when it last lost its worker: a *suspect* for ISOLATE_FOR
 
 
 class BrokerState:
@@ -567,7 +573,8 @@ class BrokerState:
 
     def next_check(self) -> Optional[float]:
         """Seconds until :meth:`pump` may have something to do unprompted: a
-        task to revoke, or an unanswered request for work to forget."""
+        task to revoke, an unanswered request for work to forget, or a
+        suspect whose isolation ends."""
         checks = []
         if any(link.asked for link in self.peers.values() if link.role == LINK):
             checks.append(BORROW_TIMEOUT)
@@ -577,6 +584,9 @@ class BrokerState:
             and any(w.role == WORKER and len(w.inflight) > 1 for w in self.peers.values())
         ):
             checks.append(REVOKE_AFTER)
+        isolated = self._isolation_ends()
+        if isolated is not None:
+            checks.append(isolated)
         return min(checks) if checks else None
 
     def _reject(self, task: QueuedTask, reason: str) -> None:
@@ -601,6 +611,7 @@ class BrokerState:
         for bid, task in peer.inflight.items():
             if task.worker == ident and task.bid == bid and not (task.cancelled or task.done):
                 task.attempts += 1
+                task.lost_at = self.clock()
         self._drop_peer(ident, lost=reason)
 
     def _fail_lost(self, task: QueuedTask, peer: Peer, reason: str) -> None:
@@ -738,6 +749,7 @@ class BrokerState:
         blobs: Dict[bytes, Any] = {}
         skipped: List[QueuedTask] = []
         now = self.clock()
+        holds_suspect: Optional[bool] = None  # worked out when a suspect comes up
         while queue and len(batch) < count:
             task = queue.popleft()
             if task.cancelled or task.done:
@@ -745,6 +757,13 @@ class BrokerState:
             if task.avoid == ident:
                 skipped.append(task)
                 continue
+            if task.attempts and now - task.lost_at < ISOLATE_FOR:
+                if holds_suspect is None:
+                    holds_suspect = self._holds_suspect(ident, worker, now)
+                if holds_suspect:
+                    skipped.append(task)
+                    continue
+                holds_suspect = True
             self.queued -= 1
             task.worker, task.bid, task.dispatched_at = ident, self._next_bid, now
             task.handed_out = True
@@ -761,6 +780,28 @@ class BrokerState:
             worker.answer_due = False
             self._send(ident, p.Tasks(batch, blobs))
         return len(batch)
+
+    @staticmethod
+    def _holds_suspect(ident: bytes, worker: Peer, now: float) -> bool:
+        """Whether ``worker`` has the live copy of a task still isolated
+        after losing its worker (see ISOLATE_FOR)."""
+        return any(
+            task.attempts and now - task.lost_at < ISOLATE_FOR and task.worker == ident
+            and task.bid == bid and not (task.cancelled or task.done)
+            for bid, task in worker.inflight.items()
+        )
+
+    def _isolation_ends(self) -> Optional[float]:
+        """Seconds until the first queued suspect that waits for a worker
+        without one may go anyway; None if none waits."""
+        if not self.queued or not self.ready:
+            return None
+        now = self.clock()
+        ends = [
+            task.lost_at + ISOLATE_FOR - now for task in self.queue
+            if task.attempts and not (task.cancelled or task.done) and now - task.lost_at < ISOLATE_FOR
+        ]
+        return max(0.0, min(ends)) if ends else None
 
     # -- reporting -----------------------------------------------------------
 

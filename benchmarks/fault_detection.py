@@ -66,7 +66,8 @@ def worker_killed_embedded() -> float:
     os.environ["FUTUREFED_MAX_RETRIES"] = "0"
     try:
         with FederatedExecutor(max_workers=2) as executor:
-            await_load(executor._transport.federation.meta_address, lambda load: load["workers"] == 2)
+            meta = executor._transport.federation.meta_address
+            await_load(meta, lambda load: load["workers"] == 2)
             try:
                 executor.submit(kill_own_worker).result(GUARD)
             except WorkerLost as error:
@@ -152,7 +153,8 @@ def main() -> None:
     print(f"heartbeat {os.environ.get('FUTUREFED_HEARTBEAT', '1')} s, liveness 3, {args.runs} runs")
     for name, case in cases.items():
         times = [case() for _ in range(args.runs)]
-        print(f"{name:44s} median {statistics.median(times):.3f} s  ({', '.join(f'{t:.3f}' for t in times)})")
+        each = ", ".join(f"{t:.3f}" for t in times)
+        print(f"{name:44s} median {statistics.median(times):.3f} s  ({each})")
 
 
 if __name__ == "__main__":

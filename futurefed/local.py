@@ -124,8 +124,8 @@ class LocalFederation:
         )
         relay.start()
         threading.Thread(
-            target=self._replace_when_gone, args=(index, process, relay), name=f"watch-{worker_name}",
-            daemon=True,
+            target=self._replace_when_gone, args=(index, process, relay),
+            name=f"watch-{worker_name}", daemon=True,
         ).start()
 
     def exit_info(self, pid: int) -> Optional[Tuple[Optional[int], List[str]]]:
@@ -143,7 +143,8 @@ class LocalFederation:
         if self._closing.is_set() or self.processes[0].poll() is not None:
             return  # closing, or the broker is gone: nothing to replace it for
         relay.join(STOP_TIMEOUT)  # its last lines, up to end-of-file
-        report_exit(self.address, f"{self._name}.w{index}", process.pid, status, list(self._tails[process.pid]))
+        tail = list(self._tails[process.pid])
+        report_exit(self.address, f"{self._name}.w{index}", process.pid, status, tail)
         with self._replacing:
             if self._closing.is_set():
                 return

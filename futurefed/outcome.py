@@ -87,7 +87,9 @@ def _ended(info: Dict[str, Any]) -> Optional[Tuple[int, List[str]]]:
         code = status
     else:
         return None
-    tail = [line for line in lines[-MAX_TAIL:] if isinstance(line, str)] if isinstance(lines, list) else []
+    if not isinstance(lines, list):
+        lines = []
+    tail = [line for line in lines[-MAX_TAIL:] if isinstance(line, str)]
     return code, tail
 
 

@@ -492,7 +492,9 @@ class WorkerExit(Message):
         keys = {"worker", "pid", "status", "signal", "stderr"}
         if set(meta) != keys:
             raise RemoteProtocolError(f"WorkerExit: keys must be {sorted(keys)}")
-        why = _worker_exit_problem(meta["worker"], meta["pid"], meta["status"], meta["signal"], meta["stderr"])
+        why = _worker_exit_problem(
+            meta["worker"], meta["pid"], meta["status"], meta["signal"], meta["stderr"]
+        )
         if why is not None:
             raise RemoteProtocolError(f"WorkerExit: {why}")
         return cls(meta["worker"], meta["pid"], meta["status"], meta["signal"], meta["stderr"])
@@ -502,7 +504,9 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _worker_exit_problem(worker: Any, pid: Any, status: Any, signal: Any, stderr: Any) -> Optional[str]:
+def _worker_exit_problem(
+    worker: Any, pid: Any, status: Any, signal: Any, stderr: Any
+) -> Optional[str]:
     """What is wrong with a WORKER_EXIT's fields, or None."""
     if not isinstance(worker, str) or not 0 < len(worker) <= MAX_NAME:
         return f"worker must be a name of 1 to {MAX_NAME} characters"

@@ -61,6 +61,7 @@ def report_exit(address: str, worker: str, pid: int, returncode: int, stderr: Se
         for message in frames:
             sock.send_multipart(message, zmq.NOBLOCK)
     except zmq.ZMQError as exc:
-        logger.warning("cannot report to %s that worker %s (pid %d) ended: %s", address, worker, pid, exc)
+        logger.warning("cannot report to %s that worker %s (pid %d) ended: %s",
+                       address, worker, pid, exc)
     finally:
         sock.close()

@@ -1153,9 +1153,10 @@ class BrokerMachine(RuleBasedStateMachine):
                 assert len(record.frames) == 1
                 bytes(record.frames[0]).decode("utf-8")
             elif record.status is p.Status.LOST:
-                assert sub.losses > self.state.max_retries, f"{record.task_id} LOST after {sub.losses} losses"
+                assert sub.losses > self.state.max_retries, (record.task_id, sub.losses)
                 info = json.loads(bytes(record.frames[0]))
-                assert (info["worker"], info["pid"], info["status"], info["signal"]) == sub.last_exit
+                ended = (info["worker"], info["pid"], info["status"], info["signal"])
+                assert ended == sub.last_exit
                 assert info["stderr"] == [f"last words of {info['pid']}"]
             elif record.status is p.Status.OK:
                 assert len(record.frames) == len(sub.frames)
@@ -1186,7 +1187,7 @@ class BrokerMachine(RuleBasedStateMachine):
             assert all(isolated(t) for t in waiting), load
             for ident, peer in s.peers.items():
                 if waiting and peer.role == "worker" and peer.credit:
-                    assert BrokerState._holds_suspect(ident, peer, now), f"{ident} could take a suspect"
+                    assert BrokerState._holds_suspect(ident, peer, now), ident  # could take one
         for ident, peer in s.peers.items():  # suspects run apart
             live = [t for bid, t in peer.inflight.items() if t.worker == ident and t.bid == bid]
             assert sum(1 for t in live if isolated(t) and not (t.cancelled or t.done)) <= 1, ident
@@ -1282,7 +1283,8 @@ class BrokerMachine(RuleBasedStateMachine):
             self.origins[ident] = OriginSim(alive=True)  # ...and starts a new one
         else:
             pid, self.next_pid = self.next_pid, self.next_pid + 1
-            self.send(ident, p.Hello({"role": "worker", "name": ident.decode(), "host": "h", "pid": pid}))
+            name = ident.decode()
+            self.send(ident, p.Hello({"role": "worker", "name": name, "host": "h", "pid": pid}))
             new = self.worker_gone(ident)
             new.alive, new.pid = True, pid
         self.expect[(ident, "welcome")] += 1
@@ -1506,18 +1508,20 @@ class BrokerMachine(RuleBasedStateMachine):
         was given tasks first. Then, up to ``deaths`` times in all, a worker
         that got one of the tasks it held dies as well."""
         busy = self.busy_workers()
-        alive = busy if busy and data.draw(st.integers(0, 3)) else [i for i, w in self.workers.items() if w.alive]
+        alive = [i for i, w in self.workers.items() if w.alive]
+        if busy and data.draw(st.integers(0, 3)):
+            alive = busy
         ident = data.draw(st.sampled_from(sorted(alive)))
         origins = [i for i, o in self.origins.items() if o.alive]
         if load and origins:
             self.credit(ident, 2)
-            self.submit(data.draw(st.sampled_from(origins)), [FN, FN], [p.NO_INIT] * 4, {FN}, False, "bytes",
-                        then_pump=True)
+            origin = data.draw(st.sampled_from(origins))
+            self.submit(origin, [FN, FN], [p.NO_INIT] * 4, {FN}, False, "bytes", then_pump=True)
         for _ in range(deaths):
-            lost = self.worker_dies(ident, data.draw(st.booleans()), data.draw(st.sampled_from([0, 3, -9, -11])))
-            holders = sorted({
-                where[0] for where in (self.location.get(bytes(sub.frames[0])) for sub in lost) if where
-            })
+            returncode = data.draw(st.sampled_from([0, 3, -9, -11]))
+            lost = self.worker_dies(ident, data.draw(st.booleans()), returncode)
+            now_at = [self.location.get(bytes(sub.frames[0])) for sub in lost]
+            holders = sorted({where[0] for where in now_at if where})
             if not holders:
                 break
             ident = data.draw(st.sampled_from(holders))

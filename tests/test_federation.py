@@ -148,7 +148,8 @@ def test_how_a_worker_ended_reaches_an_origin_on_another_broker(federation, monk
         future = executor.submit(kill_own_worker)
         status = worker.popen.wait(GUARD)
         worker.close()  # its stderr, to the end
-        report_exit(b.task, "B.w0", worker.pid, status, [line.rstrip("\n") for line in worker.lines])
+        lines = [line.rstrip("\n") for line in worker.lines]
+        report_exit(b.task, "B.w0", worker.pid, status, lines)
         error = future.exception(timeout=GUARD)
     assert isinstance(error, WorkerLost), error
     assert (error.host, error.worker, error.pid) == (socket.gethostname(), "B.w0", worker.pid)

@@ -217,7 +217,8 @@ with FederatedExecutor() as executor:
             noticed = time.time()
             died = float(error.stderr_tail[-1].rsplit(" ", 1)[1]) if error.stderr_tail else noticed
             print("lost", json.dumps({
-                "host": error.host, "worker": error.worker, "pid": error.pid, "reason": error.reason,
+                "host": error.host, "worker": error.worker, "pid": error.pid,
+                "reason": error.reason,
                 "exit_status": error.exit_status, "signal": error.signal,
                 "stderr_tail": error.stderr_tail, "message": str(error), "seconds": noticed - died,
             }), flush=True)
@@ -257,5 +258,6 @@ def test_a_worker_that_dies_fails_its_task_with_how_it_ended(tmp_path):
     assert killed["pid"] in before and not after & {killed["pid"], exited["pid"]}
     assert "was killed by SIGKILL; replacing it" in result.stderr
     assert "exited with status 3; replacing it" in result.stderr
-    print(f"SIGKILL to WorkerLost: {killed['seconds']:.3f} s, exit to WorkerLost: {exited['seconds']:.3f} s")
+    print(f"to WorkerLost: {killed['seconds']:.3f} s from SIGKILL,"
+          f" {exited['seconds']:.3f} s from exit")
     assert wait_gone([int(pid) for _, pid in started], GUARD) == []

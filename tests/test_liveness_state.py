@@ -284,7 +284,8 @@ def test_a_supervisor_that_says_bye_is_forgotten(sup):
 
 
 def lost_record(**fields):
-    info = {"host": "h1", "worker": "h1.w0", "pid": 11, "reason": "silent for 3.1 s", "attempts": 4, **fields}
+    info = {"host": "h1", "worker": "h1.w0", "pid": 11, "reason": "silent for 3.1 s", "attempts": 4}
+    info.update(fields)
     return [json.dumps(info).encode()]
 
 
@@ -324,8 +325,8 @@ def test_worker_lost_asks_exit_info_only_when_the_record_does_not_say():
 
 
 @pytest.mark.parametrize("fields", [
-    {}, {"status": True}, {"status": -1}, {"signal": 0}, {"signal": "9"}, {"status": None, "signal": None},
-    {"status": 1.5},
+    {}, {"status": True}, {"status": -1}, {"signal": 0}, {"signal": "9"},
+    {"status": None, "signal": None}, {"status": 1.5},
 ])
 def test_worker_lost_without_a_usable_exit_has_none(fields):
     from futurefed.outcome import worker_lost
@@ -335,7 +336,9 @@ def test_worker_lost_without_a_usable_exit_has_none(fields):
 
 
 @pytest.mark.parametrize("stderr, kept", [
-    ("not a list", []), ([1, "a", None, "b"], ["a", "b"]), ([str(i) for i in range(300)], [str(i) for i in range(200, 300)]),
+    ("not a list", []),
+    ([1, "a", None, "b"], ["a", "b"]),
+    ([str(i) for i in range(300)], [str(i) for i in range(200, 300)]),
 ])
 def test_worker_lost_keeps_only_string_lines(stderr, kept):
     from futurefed.outcome import worker_lost
@@ -413,4 +416,5 @@ def test_the_tasks_that_shared_a_poisoned_worker_survive_it():
     broker.credit(b"w4", 3)
     out = broker.pump()
     survivors = [only(out, ident, p.Tasks).tasks for ident in (b"w3", b"w4")]
-    assert sorted(t.frames[0] for (t,) in survivors) == sorted({b"call-1", b"call-2", b"call-3"} - {poison.frames[0]})
+    others = {b"call-1", b"call-2", b"call-3"} - {poison.frames[0]}
+    assert sorted(t.frames[0] for (t,) in survivors) == sorted(others)

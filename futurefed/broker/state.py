@@ -248,7 +248,8 @@ class BrokerState:
                 raise RemoteProtocolError(f"{message.command.name} is not for a broker")
             if message.command is not p.Command.HELLO and peer is None:
                 raise RemoteProtocolError(f"{message.command.name} before HELLO")
-            if peer is not None and peer.role == SUPERVISOR and message.command not in SUPERVISOR_COMMANDS:
+            if (peer is not None and peer.role == SUPERVISOR
+                    and message.command not in SUPERVISOR_COMMANDS):
                 raise RemoteProtocolError(f"{message.command.name} from a supervisor")
             if peer is not None:
                 peer.last_heard = self.clock()
@@ -473,7 +474,9 @@ class BrokerState:
             how = f"killed by {_signal_name(message.signal)}"
         else:
             how = f"exited with status {message.status}"
-        worker.ended = {"status": message.status, "signal": message.signal, "stderr": list(message.stderr)}
+        worker.ended = {
+            "status": message.status, "signal": message.signal, "stderr": list(message.stderr),
+        }
         self._exits.append((worker, f"{how} (its supervisor saw it end)"))
 
     def _lose_ended(self) -> None:
@@ -799,7 +802,8 @@ class BrokerState:
         now = self.clock()
         ends = [
             task.lost_at + ISOLATE_FOR - now for task in self.queue
-            if task.attempts and not (task.cancelled or task.done) and now - task.lost_at < ISOLATE_FOR
+            if task.attempts and now - task.lost_at < ISOLATE_FOR
+            and not (task.cancelled or task.done)
         ]
         return max(0.0, min(ends)) if ends else None
 

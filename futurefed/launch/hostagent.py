@@ -109,11 +109,15 @@ class HostAgent:
         tail: Deque[str] = deque(maxlen=STDERR_TAIL)  # this process's, not its name's
         readers = []
         for tag, stream in (("o", process.stdout), ("e", process.stderr)):
-            reader = threading.Thread(target=self._relay, args=(name, tag, stream, tail), daemon=True)
+            reader = threading.Thread(
+                target=self._relay, args=(name, tag, stream, tail), daemon=True
+            )
             reader.start()
             readers.append(reader)
         self.readers += readers
-        threading.Thread(target=self._watch, args=(name, process, readers, tail), daemon=True).start()
+        threading.Thread(
+            target=self._watch, args=(name, process, readers, tail), daemon=True
+        ).start()
         return process
 
     def _relay(self, name: str, tag: str, stream: IO[bytes], tail: Deque[str]) -> None:

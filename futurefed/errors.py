@@ -96,10 +96,17 @@ class WorkerLost(FutureFedError):
         super().__init__(message)
         self.host, self.worker, self.pid, self.reason = host, worker, pid, reason
         #: how the process ended (negative: the signal), where its supervisor
-        #: was this process (the embedded federation); None if unknown
+        #: (fedrun's host agent, the embedded federation) saw it end; None
+        #: if unknown: a worker started by hand, or one lost by silence
         self.exit_status = exit_status
-        #: its last lines on stderr, where known
+        #: its last lines on stderr, where its supervisor kept them
         self.stderr_tail = list(stderr_tail)
+
+    @property
+    def signal(self) -> Optional[int]:
+        """The signal that killed the process, if one did (and it is known)."""
+        status = self.exit_status
+        return -status if status is not None and status < 0 else None
 
 
 class RemoteTraceback(Exception):

@@ -7,6 +7,10 @@ federation is authenticated without CurveZMQ's per-byte cost, and has no TCP
 port at all (docs/security.md). Every child process holds the read end of a *lifeline* pipe whose only
 write end stays in this process: when this process exits, however it dies
 (even SIGKILL), the children read end-of-file and exit. No orphans.
+
+It supervises its workers as fedrun's host agent does: when one dies it
+tells the broker at once (WORKER_EXIT, :mod:`futurefed.supervisor`), with
+its exit status and last stderr lines, and starts another.
 """
 
 from __future__ import annotations
@@ -25,13 +29,12 @@ from collections import deque
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from .errors import BrokenFederation
+from .supervisor import STDERR_TAIL, report_exit
 
 __all__ = ["LocalFederation"]
 
 START_TIMEOUT = 60.0  # deadlock guard: a broker binds loopback in well under a second
 STOP_TIMEOUT = 5.0
-#: Lines of each worker's stderr kept for WorkerLost.
-STDERR_TAIL = 20
 #: Dead workers replaced in the life of one federation, at most (a task
 #: that kills every worker fails with WorkerLost long before this).
 MAX_REPLACEMENTS = 1000
@@ -134,13 +137,14 @@ class LocalFederation:
         )
         self.processes.append(process)
         tail = self._tails[process.pid] = deque(maxlen=STDERR_TAIL)
-        threading.Thread(
+        relay = threading.Thread(
             target=_relay_stderr, args=(process.stderr, tail), name=f"stderr-{worker_name}",
             daemon=True,
-        ).start()
+        )
+        relay.start()
         threading.Thread(
-            target=self._replace_when_gone, args=(index, process), name=f"watch-{worker_name}",
-            daemon=True,
+            target=self._replace_when_gone, args=(index, process, relay),
+            name=f"watch-{worker_name}", daemon=True,
         ).start()
 
     def exit_info(self, pid: int) -> Optional[Tuple[Optional[int], List[str]]]:
@@ -152,10 +156,14 @@ class LocalFederation:
         status = process.poll() if process is not None else None
         return status, list(self._tails[pid])
 
-    def _replace_when_gone(self, index: int, process: "subprocess.Popen[bytes]") -> None:
+    def _replace_when_gone(self, index: int, process: "subprocess.Popen[bytes]",
+                           relay: threading.Thread) -> None:
         status = process.wait()
         if self._closing.is_set() or self.processes[0].poll() is not None:
             return  # closing, or the broker is gone: nothing to replace it for
+        relay.join(STOP_TIMEOUT)  # its last lines, up to end-of-file
+        tail = list(self._tails[process.pid])
+        report_exit(self.address, f"{self._name}.w{index}", process.pid, status, tail)
         with self._replacing:
             if self._closing.is_set():
                 return

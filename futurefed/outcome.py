@@ -72,10 +72,33 @@ def initializer_failure(frames: Sequence[Any]) -> InitializerFailed:
 ExitInfo = Callable[[int], Optional[Tuple[Optional[int], List[str]]]]
 
 
+#: At most this many stderr lines of a LOST record are kept.
+MAX_TAIL = 100
+
+
+def _ended(info: Dict[str, Any]) -> Optional[Tuple[int, List[str]]]:
+    """How the worker of a LOST record ended, as its supervisor told the
+    broker (WORKER_EXIT): (exit status, negative for a signal; its last
+    stderr lines), or None if the record does not say."""
+    status, signum, lines = info.get("status"), info.get("signal"), info.get("stderr")
+    if isinstance(signum, int) and not isinstance(signum, bool) and signum > 0:
+        code = -signum
+    elif isinstance(status, int) and not isinstance(status, bool) and status >= 0:
+        code = status
+    else:
+        return None
+    if not isinstance(lines, list):
+        lines = []
+    tail = [line for line in lines[-MAX_TAIL:] if isinstance(line, str)]
+    return code, tail
+
+
 def worker_lost(frames: Sequence[Any], exit_info: Optional[ExitInfo] = None) -> WorkerLost:
-    """The WorkerLost of a LOST record (a JSON frame from the broker), with
-    the process's exit status and last stderr lines where ``exit_info``
-    (the embedded federation, which started it) knows them."""
+    """The WorkerLost of a LOST record (a JSON frame from the broker). The
+    process's exit status and last stderr lines come from the record where
+    its supervisor reported them (fedrun's host agent, the embedded
+    federation), else from ``exit_info`` (the embedded federation, which
+    started it) where that knows them."""
     try:
         info = json.loads(bytes(frames[0]))
         if not isinstance(info, dict):
@@ -90,9 +113,13 @@ def worker_lost(frames: Sequence[Any], exit_info: Optional[ExitInfo] = None) -> 
         f"the task's worker was lost each of the {attempts} times it ran; the last was"
         f" {worker} on {host} (pid {pid}): {reason}"
     )
-    status, tail = None, []
-    known = exit_info(pid) if exit_info is not None and pid is not None else None
-    if known is not None:
+    status: Optional[int] = None
+    tail: List[str] = []
+    ended = _ended(info)
+    known = exit_info(pid) if ended is None and exit_info is not None and pid is not None else None
+    if ended is not None:
+        status, tail = ended  # the reason says how it ended
+    elif known is not None:
         status, tail = known
         if status is None:
             message += "; the process is still running (hung?)"
@@ -100,8 +127,8 @@ def worker_lost(frames: Sequence[Any], exit_info: Optional[ExitInfo] = None) -> 
             message += f"; it was killed by {_signal_name(-status)}"
         else:
             message += f"; it exited with status {status}"
-        if tail:
-            message += "; its last lines on stderr:\n" + "\n".join(f"  {line}" for line in tail)
+    if tail:
+        message += "; its last lines on stderr:\n" + "\n".join(f"  {line}" for line in tail)
     return WorkerLost(message, host=host, worker=worker, pid=pid, reason=reason,
                       exit_status=status, stderr_tail=tail)
 

@@ -21,7 +21,7 @@ import enum
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, List, Sequence, Type
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Type
 
 from .errors import LocalProtocolError, RemoteProtocolError
 
@@ -48,6 +48,7 @@ __all__ = [
     "TaskRecord",
     "Tasks",
     "Welcome",
+    "WorkerExit",
     "decode",
     "dispatch",
     "encode",
@@ -62,6 +63,11 @@ NO_INIT = bytes(DIGEST_SIZE)  # the init digest of a task whose executor has no 
 MAX_JSON_BYTES = 64 * 1024
 MAX_IDS = 1_000_000
 MAX_BATCH = 1_000_000
+#: A WORKER_EXIT names at most this many stderr lines, each at most
+#: MAX_LINE characters (senders keep fewer: ``WorkerExit.of``).
+MAX_TAIL_LINES = 100
+MAX_LINE = 4096
+MAX_NAME = 200
 
 _HEADER = struct.Struct("!2sBB")
 _COUNT = struct.Struct("!I")
@@ -92,6 +98,7 @@ class Command(enum.IntEnum):
     BYE = 11  # peer -> broker: leaving, forget me
     SHUTDOWN = 12  # broker -> worker: exit now
     LOAD = 13  # broker -> everyone, on the meta socket: my load and my peers
+    WORKER_EXIT = 17  # supervisor -> broker: a worker process I started has ended
 
 
 class Status(enum.IntEnum):
@@ -440,6 +447,82 @@ class Load(_MetaMessage):
     docs/federation.md for the keys)."""
 
     command = Command.LOAD
+
+
+@_register
+@dataclass(frozen=True)
+class WorkerExit(Message):
+    """A worker's supervisor (fedrun's host agent, the embedded federation)
+    saw the process end: by exit ``status`` or by ``signal`` (exactly one is
+    set), with its last ``stderr`` lines. The body is one JSON object with
+    exactly the keys ``worker``, ``pid``, ``status``, ``signal``, ``stderr``.
+    """
+
+    command = Command.WORKER_EXIT
+    worker: str = ""
+    pid: int = 0
+    status: Optional[int] = None
+    signal: Optional[int] = None
+    stderr: List[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, worker: str, pid: int, returncode: int, stderr: Sequence[str],
+           lines: int = 20, width: int = 1000) -> "WorkerExit":
+        """The notice for a process that ended with ``returncode`` (as
+        ``subprocess`` gives it: negative for a signal), keeping the last
+        ``lines`` lines of ``stderr``, each cut to ``width`` characters."""
+        tail = [line[:width] for line in list(stderr)[-lines:]] if lines > 0 else []
+        if returncode < 0:
+            return cls(worker[:MAX_NAME], pid, None, -returncode, tail)
+        return cls(worker[:MAX_NAME], pid, returncode, None, tail)
+
+    def encode_body(self) -> List[Frame]:
+        why = _worker_exit_problem(self.worker, self.pid, self.status, self.signal, self.stderr)
+        if why is not None:
+            raise LocalProtocolError(f"WorkerExit: {why}")
+        return [_encode_json({
+            "worker": self.worker, "pid": self.pid, "status": self.status,
+            "signal": self.signal, "stderr": list(self.stderr),
+        })]
+
+    @classmethod
+    def decode_body(cls, frames: Sequence[Frame]) -> Message:
+        _expect_frames(cls, frames, 1)
+        meta = _decode_json(cls, frames[0])
+        keys = {"worker", "pid", "status", "signal", "stderr"}
+        if set(meta) != keys:
+            raise RemoteProtocolError(f"WorkerExit: keys must be {sorted(keys)}")
+        why = _worker_exit_problem(
+            meta["worker"], meta["pid"], meta["status"], meta["signal"], meta["stderr"]
+        )
+        if why is not None:
+            raise RemoteProtocolError(f"WorkerExit: {why}")
+        return cls(meta["worker"], meta["pid"], meta["status"], meta["signal"], meta["stderr"])
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _worker_exit_problem(
+    worker: Any, pid: Any, status: Any, signal: Any, stderr: Any
+) -> Optional[str]:
+    """What is wrong with a WORKER_EXIT's fields, or None."""
+    if not isinstance(worker, str) or not 0 < len(worker) <= MAX_NAME:
+        return f"worker must be a name of 1 to {MAX_NAME} characters"
+    if not _is_int(pid) or not 0 < pid < 2**31:
+        return "pid must be a positive integer"
+    if (status is None) == (signal is None):
+        return "exactly one of status and signal must be given"
+    if status is not None and not (_is_int(status) and 0 <= status <= 255):
+        return "status must be an integer from 0 to 255"
+    if signal is not None and not (_is_int(signal) and 0 < signal < 128):
+        return "signal must be an integer from 1 to 127"
+    if not isinstance(stderr, list) or len(stderr) > MAX_TAIL_LINES:
+        return f"stderr must be a list of at most {MAX_TAIL_LINES} lines"
+    if not all(isinstance(line, str) and len(line) <= MAX_LINE for line in stderr):
+        return f"stderr lines must be strings of at most {MAX_LINE} characters"
+    return None
 
 
 def encode(message: Message) -> List[Frame]:

@@ -16,7 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from futurefed import protocol as p
 from futurefed.broker import state as state_module
-from futurefed.broker.state import BrokerState
+from futurefed.broker.state import ISOLATE_FOR, BrokerState
 
 FN = b"F" * p.DIGEST_SIZE
 FN2 = b"G" * p.DIGEST_SIZE
@@ -951,6 +951,7 @@ ORIGINS = [b"o0", b"o1", b"o2"]
 WORKERS = [b"w0", b"w1", b"w2"]
 STRANGERS = [b"x0"]
 ALL = ORIGINS + WORKERS + STRANGERS
+SUPERVISOR = b"s0"  # the workers' parent: says when one has ended (WORKER_EXIT)
 HANDLED = {
     p.Command.HELLO,
     p.Command.SUBMIT,
@@ -980,6 +981,8 @@ class Sub:
         self.answered = False  # its origin got its result
         self.handed_out = False  # a worker has had it: no longer cancellable
         self.cancel_asked = False  # its origin sent CANCEL and awaits the answer
+        self.losses = 0  # times a worker died holding its live copy (at most: see worker_dies)
+        self.last_exit = None  # (name, pid, status, signal) of the last such worker
 
 
 class WorkerSim:
@@ -991,6 +994,7 @@ class WorkerSim:
         self.known = set()  # blobs received
         self.to_cancel = set()
         self.zombie = {}  # held at a previous incarnation's BYE / re-HELLO
+        self.pid = None  # this incarnation's, as its HELLO gave it
 
 
 def _wrap(frames, n, kind):
@@ -1008,6 +1012,7 @@ class BrokerMachine(RuleBasedStateMachine):
         super().__init__()
         self.now = 0.0
         self.state = BrokerState("fuzz", clock=lambda: self.now, heartbeat=NO_HEARTBEAT)
+        self.next_pid = 100
         self.origins = {i: OriginSim() for i in ORIGINS}
         self.workers = {i: WorkerSim() for i in WORKERS}
         self.known_blobs = set()  # digests the broker has been given
@@ -1147,6 +1152,12 @@ class BrokerMachine(RuleBasedStateMachine):
                 assert record.status is p.Status.REJECTED
                 assert len(record.frames) == 1
                 bytes(record.frames[0]).decode("utf-8")
+            elif record.status is p.Status.LOST:
+                assert sub.losses > self.state.max_retries, (record.task_id, sub.losses)
+                info = json.loads(bytes(record.frames[0]))
+                ended = (info["worker"], info["pid"], info["status"], info["signal"])
+                assert ended == sub.last_exit
+                assert info["stderr"] == [f"last words of {info['pid']}"]
             elif record.status is p.Status.OK:
                 assert len(record.frames) == len(sub.frames)
                 assert all(a is b for a, b in zip(record.frames, sub.frames)), "wrong result"
@@ -1163,8 +1174,23 @@ class BrokerMachine(RuleBasedStateMachine):
     def check_after_pump(self):
         s = self.state
         load = s.load()
-        # work-conserving: nothing waits while a worker has credit
-        assert not (load["queued"] and load["credit"]), load
+        # work-conserving: nothing waits while a worker has credit, except a
+        # suspect (a task that lost its worker) waiting for a worker that
+        # holds no other, for ISOLATE_FOR at most
+        now = s.clock()
+
+        def isolated(t):
+            return t.attempts and now - t.lost_at < ISOLATE_FOR
+
+        waiting = [t for t in s.queue if not (t.cancelled or t.done)]
+        if load["credit"]:
+            assert all(isolated(t) for t in waiting), load
+            for ident, peer in s.peers.items():
+                if waiting and peer.role == "worker" and peer.credit:
+                    assert BrokerState._holds_suspect(ident, peer, now), ident  # could take one
+        for ident, peer in s.peers.items():  # suspects run apart
+            live = [t for bid, t in peer.inflight.items() if t.worker == ident and t.bid == bid]
+            assert sum(1 for t in live if isolated(t) and not (t.cancelled or t.done)) <= 1, ident
         # every live task is in exactly one place
         queued = [t for t in s.queue if not (t.cancelled or t.done)]
         assert len(queued) == s.queued == load["queued"]
@@ -1221,10 +1247,16 @@ class BrokerMachine(RuleBasedStateMachine):
     def busy_workers(self):
         return sorted(i for i, w in self.workers.items() if w.alive and w.held)
 
-    @initialize(n_workers=st.integers(1, len(WORKERS)), credit=st.integers(0, 6), preload=st.booleans())
-    def everyone_says_hello(self, n_workers, credit, preload):
+    @initialize(
+        n_workers=st.integers(1, len(WORKERS)), credit=st.integers(0, 6), preload=st.booleans(),
+        retries=st.integers(0, 2),
+    )
+    def everyone_says_hello(self, n_workers, credit, preload, retries):
+        self.state.max_retries = retries  # a task lost retries + 1 times fails with LOST
         for ident in ORIGINS + WORKERS[:n_workers]:
             self.hello(ident)
+        self.send(SUPERVISOR, p.Hello({"role": "supervisor", "name": "s0", "host": "h"}))
+        self.expect[(SUPERVISOR, "welcome")] += 1
         for ident in WORKERS[:n_workers]:
             self.credit(ident, credit)
         if preload:  # the function blobs, without tasks
@@ -1250,8 +1282,11 @@ class BrokerMachine(RuleBasedStateMachine):
             self.origins[ident].alive = False  # a re-HELLO ends the old session...
             self.origins[ident] = OriginSim(alive=True)  # ...and starts a new one
         else:
-            self.send(ident, p.Hello({"role": "worker", "name": ident.decode(), "host": ident.decode()}))
-            self.worker_gone(ident).alive = True
+            pid, self.next_pid = self.next_pid, self.next_pid + 1
+            name = ident.decode()
+            self.send(ident, p.Hello({"role": "worker", "name": name, "host": "h", "pid": pid}))
+            new = self.worker_gone(ident)
+            new.alive, new.pid = True, pid
         self.expect[(ident, "welcome")] += 1
 
     @rule(
@@ -1465,6 +1500,70 @@ class BrokerMachine(RuleBasedStateMachine):
             self.hello(ident)
         else:
             self.bye(ident)
+
+    @precondition(lambda self: any(w.alive for w in self.workers.values()))
+    @rule(data=st.data(), load=st.booleans(), deaths=st.integers(1, 3))
+    def workers_die(self, data, load, deaths):
+        """A worker process ends and its supervisor says so; with ``load`` it
+        was given tasks first. Then, up to ``deaths`` times in all, a worker
+        that got one of the tasks it held dies as well."""
+        busy = self.busy_workers()
+        alive = [i for i, w in self.workers.items() if w.alive]
+        if busy and data.draw(st.integers(0, 3)):
+            alive = busy
+        ident = data.draw(st.sampled_from(sorted(alive)))
+        origins = [i for i, o in self.origins.items() if o.alive]
+        if load and origins:
+            self.credit(ident, 2)
+            origin = data.draw(st.sampled_from(origins))
+            self.submit(origin, [FN, FN], [p.NO_INIT] * 4, {FN}, False, "bytes", then_pump=True)
+        for _ in range(deaths):
+            returncode = data.draw(st.sampled_from([0, 3, -9, -11]))
+            lost = self.worker_dies(ident, data.draw(st.booleans()), returncode)
+            now_at = [self.location.get(bytes(sub.frames[0])) for sub in lost]
+            holders = sorted({where[0] for where in now_at if where})
+            if not holders:
+                break
+            ident = data.draw(st.sampled_from(holders))
+
+    def worker_dies(self, ident, last_words, returncode):
+        """Worker ``ident`` ends and its supervisor says so: the broker loses
+        it in the next pump, without waiting for heartbeats. With
+        ``last_words``, RESULTS it sent before dying arrive in the same turn,
+        before that pump, and settle their tasks. Returns the tasks whose
+        live copy it held."""
+        w = self.workers[ident]
+        if last_words and w.held:
+            self.send(ident, p.Results(self.answers(ident, sorted(w.held)[:1])))
+        notice = p.WorkerExit.of(ident.decode(), w.pid, returncode, [f"last words of {w.pid}"])
+        lost = []
+        for bid, sub in w.held.items():
+            # an upper bound: a copy answered elsewhere in this turn is not counted by the broker
+            if self.location.get(bytes(sub.frames[0])) == (ident, bid):
+                sub.losses += 1
+                sub.last_exit = (notice.worker, notice.pid, notice.status, notice.signal)
+                lost.append(sub)
+        self.send(SUPERVISOR, notice)
+        self.worker_gone(ident)  # dead, not to come back under this pid
+        self.do_pump()
+        return lost
+
+    @rule(
+        sender=st.sampled_from(ALL + [SUPERVISOR]),
+        name=st.sampled_from([w.decode() for w in WORKERS] + ["s0", "o0", "nobody"]),
+        pid_offset=st.sampled_from([0, 1, 1000]),
+    )
+    def notice_for_no_worker(self, sender, name, pid_offset):
+        """A WORKER_EXIT that must change nothing: from a peer that is not a
+        supervisor, or naming no connected worker (a wrong pid: a stale
+        notice, or the replacement of a worker that had the name)."""
+        w = self.workers.get(name.encode())
+        pid = (w.pid or 1) + pid_offset if w is not None else 7
+        if sender == SUPERVISOR and w is not None and w.alive and pid == w.pid:
+            pid += 1  # that one would be a real notice
+        before = self.snapshot()
+        self.send(sender, p.WorkerExit(name, pid, 1, None, []))
+        assert self.snapshot() == before and not self.state._exits, "a notice for no worker acted"
 
     @rule(ident=st.sampled_from(ALL), frames=st.lists(st.binary(max_size=48), max_size=5))
     def garbage(self, ident, frames):

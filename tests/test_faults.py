@@ -123,8 +123,10 @@ def test_a_task_that_kills_every_worker_fails_with_worker_lost(monkeypatch):
                 assert error.pid in executor._transport.federation.pids
                 assert error.worker.startswith("local-") and error.host == os.uname().nodename
                 assert "2 times" in str(error)
-                # the embedded federation started it: how it ended, its last words
-                assert error.exit_status == 7 and "it exited with status 7" in str(error)
+                # the embedded federation started it, saw it end and told the
+                # broker at once: how it ended, its last words
+                assert error.exit_status == 7 and "exited with status 7" in str(error)
+                assert error.reason.endswith("(its supervisor saw it end)")
                 assert error.stderr_tail[-1] == "dying of 3"
             else:
                 assert future.result(timeout=GUARD) == i * i

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import collections
 import os
+import signal
+import socket
 import subprocess
 import sys
 
 
-from futurefed import FederatedExecutor
+from futurefed import FederatedExecutor, WorkerLost
 
 from fedprocs import GUARD
 
@@ -124,3 +126,34 @@ def test_origin_program_joins_by_environment_alone(federation, tmp_path):
     )
     assert result.returncode == 0, result.stderr + federation.log()
     assert result.stdout.split() == ["B.w0", "B.w1"]
+
+
+def kill_own_worker() -> None:
+    print(f"{os.environ['WORKER_NAME']} goes", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_how_a_worker_ended_reaches_an_origin_on_another_broker(federation, monkeypatch):
+    """The origin joins A; the task runs on B's worker, whose parent (this
+    test, as a supervisor) reports its death to B. B's LOST record travels
+    back through A unchanged: WorkerLost names the signal and the stderr."""
+    from futurefed.supervisor import report_exit
+
+    monkeypatch.setenv("FUTUREFED_MAX_RETRIES", "0")
+    a = federation.broker("A")
+    b = federation.broker("B", peers=[a])
+    worker = federation.worker("B.w0", b)
+    with FederatedExecutor(address=a.task) as executor:
+        assert executor.submit(worker_name).result(timeout=GUARD) == "B.w0"
+        future = executor.submit(kill_own_worker)
+        status = worker.popen.wait(GUARD)
+        worker.close()  # its stderr, to the end
+        lines = [line.rstrip("\n") for line in worker.lines]
+        report_exit(b.task, "B.w0", worker.pid, status, lines)
+        error = future.exception(timeout=GUARD)
+    assert isinstance(error, WorkerLost), error
+    assert (error.host, error.worker, error.pid) == (socket.gethostname(), "B.w0", worker.pid)
+    assert error.exit_status == -9 and error.signal == 9
+    assert error.stderr_tail[-1] == "B.w0 goes"
+    assert error.reason == "killed by SIGKILL (its supervisor saw it end)"
+    b.process.wait_for(r"<worker B.w0 on .*> lost: killed by SIGKILL \(its supervisor saw it end\)")

@@ -231,3 +231,31 @@ def test_tasks_stranded_at_a_busy_worker_are_lent(pair):
     assert sorted(only(out, b"wa", p.Cancel).ids) == sorted(t.task_id for t in given[1:3])
     assert to(out, b"wa") == [p.Cancel(only(out, b"wa", p.Cancel).ids)]  # nothing sent back
     assert a.state.stealable() == 1
+
+
+def test_a_lost_record_crosses_brokers_unchanged(pair):
+    """A lends a task to B; B's worker dies and its supervisor says how; B
+    (no retries) fails the task with LOST, and A hands B's record to the
+    origin as it is: the exit information reaches the origin."""
+    import json
+
+    a, b = pair
+    b.state.max_retries = 0
+    b.connect(b"s", "supervisor", host="hb")
+    b.connect(b"w2", "worker", host="hb", pid=22)
+    a.submit(b"o", [task(1)], BLOBS)
+    b.credit(b"w2", 1)
+    b.pump()
+    publish(a, b)
+    carry(b, a, [p.Credit])
+    carry(a, b, [p.Tasks])
+    assert len(only(b.pump(), b"w2", p.Tasks).tasks) == 1
+    b.send(b"s", p.WorkerExit.of("w2", 22, -11, ["Fatal Python error: Segmentation fault"]))
+    (results,) = carry(b, a, [p.Results])
+    (record,) = only(a.pump(), b"o", p.Results).results
+    assert record.task_id == 1 and record.status is p.Status.LOST
+    assert record.frames[0] is results.results[0].frames[0]  # forwarded, not rebuilt
+    info = json.loads(bytes(record.frames[0]))
+    assert (info["worker"], info["host"], info["pid"]) == ("w2", "hb", 22)
+    assert (info["status"], info["signal"]) == (None, 11)
+    assert info["stderr"] == ["Fatal Python error: Segmentation fault"]

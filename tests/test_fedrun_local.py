@@ -3,6 +3,7 @@ logged output, and teardown on every kind of end (no process left)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -11,7 +12,7 @@ import subprocess
 
 import pytest
 
-from fedprocs import command
+from fedprocs import ROOT, command
 from procs import wait_gone
 
 GUARD = 60
@@ -176,3 +177,87 @@ def test_program_options_are_the_programs(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "['--size', '10', '-v']"
+
+
+# Two workers; a task kills its worker by SIGKILL, another exits with status
+# 3; each prints to stderr first. With no retries each fails with WorkerLost
+# at once. Then two tasks that each wait for the other run, which they can
+# only do on two workers at once: the pool has its size again.
+DYING_PROGRAM = """\
+import json, os, signal, socket, sys, time
+from futurefed import FederatedExecutor, WorkerLost
+
+def die(how):
+    print(f"dying by {how} at {time.time():.6f}", file=sys.stderr, flush=True)
+    if how == "SIGKILL":
+        os.kill(os.getpid(), signal.SIGKILL)
+    os._exit(3)
+
+def meet(port):
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        conn.recv(1)  # until every task has arrived
+    return os.environ["WORKER_NAME"], os.getpid()
+
+def all_at_once(executor, count):
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(60)  # a deadlock guard: fewer than count workers
+        futures = [executor.submit(meet, server.getsockname()[1]) for _ in range(count)]
+        arrived = [server.accept()[0] for _ in range(count)]
+        for conn in arrived:
+            conn.sendall(b"x")
+            conn.close()
+        return [future.result(timeout=60) for future in futures]
+
+with FederatedExecutor() as executor:
+    print("before", json.dumps(all_at_once(executor, 2)), flush=True)
+    for how in ("SIGKILL", "exit"):
+        try:
+            executor.submit(die, how).result(timeout=60)
+        except WorkerLost as error:
+            noticed = time.time()
+            died = float(error.stderr_tail[-1].rsplit(" ", 1)[1]) if error.stderr_tail else noticed
+            print("lost", json.dumps({
+                "host": error.host, "worker": error.worker, "pid": error.pid,
+                "reason": error.reason,
+                "exit_status": error.exit_status, "signal": error.signal,
+                "stderr_tail": error.stderr_tail, "message": str(error), "seconds": noticed - died,
+            }), flush=True)
+    print("after", json.dumps(all_at_once(executor, 2)), flush=True)
+"""
+
+
+def test_a_worker_that_dies_fails_its_task_with_how_it_ended(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    argv = fedrun(["-N", "2", "-v", "--env", "FUTUREFED_MAX_RETRIES=0"], DYING_PROGRAM, tmp_path)
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=GUARD * 2, env=env)
+    assert result.returncode == 0, result.stderr
+    started = STARTED.findall(result.stderr)
+    pids = {name: [int(pid) for n, pid in started if n == name] for name, _ in started}
+    out = {}
+    for line in result.stdout.splitlines():
+        tag, _, rest = line.partition(" ")
+        if tag in ("before", "after", "lost"):
+            out.setdefault(tag, []).append(json.loads(rest))
+    killed, exited = out["lost"]
+    assert killed["exit_status"] == -9 and killed["signal"] == 9
+    assert exited["exit_status"] == 3 and exited["signal"] is None
+    for lost, how in ((killed, "SIGKILL"), (exited, "exit")):
+        assert lost["host"] == HOST
+        assert lost["pid"] in pids[lost["worker"]], (lost, started)  # the process that ran it
+        assert lost["reason"].endswith("(its supervisor saw it end)")  # not found by silence
+        assert lost["stderr_tail"][-1].startswith(f"dying by {how} at ")
+        assert f"{lost['worker']} on {HOST} (pid {lost['pid']})" in lost["message"]
+        assert "its last lines on stderr:" in lost["message"]
+    assert "killed by SIGKILL" in killed["reason"] and "exited with status 3" in exited["reason"]
+    # the agent replaced both: four worker processes in all, two at the end
+    workers = [pid for name, pid in started if re.fullmatch(rf"{re.escape(HOST)}\.w[01]", name)]
+    assert len(workers) == 4, started
+    before = {pid for _, pid in out["before"][0]}
+    after = {pid for _, pid in out["after"][0]}
+    assert len(before) == len(after) == 2
+    assert killed["pid"] in before and not after & {killed["pid"], exited["pid"]}
+    assert "was killed by SIGKILL; replacing it" in result.stderr
+    assert "exited with status 3; replacing it" in result.stderr
+    print(f"to WorkerLost: {killed['seconds']:.3f} s from SIGKILL,"
+          f" {exited['seconds']:.3f} s from exit")
+    assert wait_gone([int(pid) for _, pid in started], GUARD) == []

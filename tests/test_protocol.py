@@ -81,6 +81,7 @@ def sample_messages():
         p.Load({"name": "b", "task": "tcp://127.0.0.1:5555", "seq": 3, "queued": 9,
                 "peers": [{"task": "tcp://127.0.0.1:5557", "meta": "tcp://127.0.0.1:5558"}]}),
         p.Shutdown(),
+        p.WorkerExit("node1.w0", 4242, None, 9, ["Traceback (most recent call last):", "  \u2603"]),
     ]
 
 
@@ -127,6 +128,9 @@ def test_every_command_has_a_sample():
         p.Started([0, 2**64 - 1]),
         p.Cancel([]),
         p.Cancel(list(range(1000))),
+        p.WorkerExit("w", 1, 0, None, []),
+        p.WorkerExit("w" * p.MAX_NAME, 2**31 - 1, 255, None, ["x" * p.MAX_LINE] * 10),
+        p.WorkerExit("w", 7, None, 127, [""] * p.MAX_TAIL_LINES),
     ],
     ids=lambda m: type(m).__name__,
 )
@@ -233,6 +237,16 @@ def _missing_and_extra_cases():
 
 def _b(obj):
     return json.dumps(obj).encode()
+
+
+def _exit_fields(**changes):
+    """The fields of a valid WORKER_EXIT body, with ``changes``."""
+    fields = {"worker": "node1.w0", "pid": 42, "status": 3, "signal": None, "stderr": ["boom"]}
+    return {**fields, **changes}
+
+
+def _exit(**changes):
+    return _b(_exit_fields(**changes))
 
 
 HOSTILE = [
@@ -388,6 +402,51 @@ HOSTILE = [
     ("credit-no-body", [H(p.Command.CREDIT)]),
     ("credit-max-batch-plus-one", [H(p.Command.CREDIT), struct.pack("!I", p.MAX_BATCH + 1)]),
     ("credit-huge", [H(p.Command.CREDIT), struct.pack("!I", 2**32 - 1)]),
+    # WORKER_EXIT: one JSON object, exactly its five keys, each checked
+    ("worker-exit-no-body", [H(p.Command.WORKER_EXIT)]),
+    ("worker-exit-two-frames", [H(p.Command.WORKER_EXIT), _exit(), _exit()]),
+    ("worker-exit-not-json", [H(p.Command.WORKER_EXIT), b"{worker: w}"]),
+    ("worker-exit-json-array", [H(p.Command.WORKER_EXIT), _b([_exit_fields()])]),
+    ("worker-exit-oversized", [H(p.Command.WORKER_EXIT), _exit(stderr=["x" * 4000] * 17)]),
+    ("worker-exit-deep-json", [H(p.Command.WORKER_EXIT), b'{"worker":' + b"[" * 5000]),
+    (
+        "worker-exit-missing-key",
+        [H(p.Command.WORKER_EXIT), _b({k: v for k, v in _exit_fields().items() if k != "stderr"})],
+    ),
+    ("worker-exit-extra-key", [H(p.Command.WORKER_EXIT), _exit(host="elsewhere")]),
+    ("worker-exit-empty-name", [H(p.Command.WORKER_EXIT), _exit(worker="")]),
+    ("worker-exit-long-name", [H(p.Command.WORKER_EXIT), _exit(worker="w" * (p.MAX_NAME + 1))]),
+    ("worker-exit-name-not-str", [H(p.Command.WORKER_EXIT), _exit(worker=["w"])]),
+    ("worker-exit-name-null", [H(p.Command.WORKER_EXIT), _exit(worker=None)]),
+    ("worker-exit-pid-str", [H(p.Command.WORKER_EXIT), _exit(pid="42")]),
+    ("worker-exit-pid-bool", [H(p.Command.WORKER_EXIT), _exit(pid=True)]),
+    ("worker-exit-pid-float", [H(p.Command.WORKER_EXIT), _exit(pid=42.0)]),
+    ("worker-exit-pid-0", [H(p.Command.WORKER_EXIT), _exit(pid=0)]),
+    ("worker-exit-pid-negative", [H(p.Command.WORKER_EXIT), _exit(pid=-1)]),
+    ("worker-exit-pid-huge", [H(p.Command.WORKER_EXIT), _exit(pid=2**31)]),
+    (
+        "worker-exit-pid-bigint",
+        [H(p.Command.WORKER_EXIT),
+         b'{"worker":"w","pid":' + b"9" * 4000 + b',"status":0,"signal":null,"stderr":[]}'],
+    ),
+    ("worker-exit-no-exit", [H(p.Command.WORKER_EXIT), _exit(status=None, signal=None)]),
+    ("worker-exit-both-status-and-signal", [H(p.Command.WORKER_EXIT), _exit(status=1, signal=9)]),
+    ("worker-exit-status-negative", [H(p.Command.WORKER_EXIT), _exit(status=-9)]),
+    ("worker-exit-status-256", [H(p.Command.WORKER_EXIT), _exit(status=256)]),
+    ("worker-exit-status-bool", [H(p.Command.WORKER_EXIT), _exit(status=False)]),
+    ("worker-exit-status-str", [H(p.Command.WORKER_EXIT), _exit(status="3")]),
+    ("worker-exit-signal-0", [H(p.Command.WORKER_EXIT), _exit(status=None, signal=0)]),
+    ("worker-exit-signal-128", [H(p.Command.WORKER_EXIT), _exit(status=None, signal=128)]),
+    ("worker-exit-signal-float", [H(p.Command.WORKER_EXIT), _exit(status=None, signal=9.0)]),
+    ("worker-exit-stderr-str", [H(p.Command.WORKER_EXIT), _exit(stderr="boom")]),
+    ("worker-exit-stderr-object", [H(p.Command.WORKER_EXIT), _exit(stderr={"0": "boom"})]),
+    ("worker-exit-stderr-non-str-line", [H(p.Command.WORKER_EXIT), _exit(stderr=["ok", 7])]),
+    ("worker-exit-stderr-null-line", [H(p.Command.WORKER_EXIT), _exit(stderr=[None])]),
+    (
+        "worker-exit-stderr-too-many-lines",
+        [H(p.Command.WORKER_EXIT), _exit(stderr=[""] * (p.MAX_TAIL_LINES + 1))],
+    ),
+    ("worker-exit-long-line", [H(p.Command.WORKER_EXIT), _exit(stderr=["x" * (p.MAX_LINE + 1)])]),
     # bodiless commands with a body
     ("heartbeat-with-body", [H(p.Command.HEARTBEAT), b""]),
     ("bye-with-body", [H(p.Command.BYE), b"x"]),
@@ -511,6 +570,13 @@ messages = st.one_of(
     st.just(p.Heartbeat()),
     st.just(p.Bye()),
     st.just(p.Shutdown()),
+    st.builds(
+        p.WorkerExit.of,
+        st.text(min_size=1, max_size=p.MAX_NAME),
+        st.integers(1, 2**31 - 1),
+        st.one_of(st.integers(0, 255), st.integers(-127, -1)),
+        st.lists(st.text(max_size=30), max_size=30),
+    ),
 )
 
 
@@ -632,3 +698,35 @@ def test_property_every_strict_prefix_or_extension_is_rejected(message, extra):
     assert rejected(frames + [b"stray"] * (extra + 1))
     if len(frames) > 1:
         assert rejected(frames[: max(1, len(frames) - 1 - extra)])
+
+
+# -- WORKER_EXIT ------------------------------------------------------------------------
+
+
+def test_worker_exit_body_is_valid_at_its_limits():
+    raw = _exit(worker="w" * p.MAX_NAME, pid=2**31 - 1, status=None, signal=127,
+                stderr=["\u00e9" * 100] * p.MAX_TAIL_LINES)
+    message = p.decode([header(p.Command.WORKER_EXIT), raw])
+    assert (message.worker, message.pid) == ("w" * p.MAX_NAME, 2**31 - 1)
+    assert (message.status, message.signal) == (None, 127)
+
+
+@pytest.mark.parametrize("returncode, status, signal", [
+    (0, 0, None), (3, 3, None), (-9, None, 9), (-15, None, 15),
+])
+def test_worker_exit_of_a_returncode(returncode, status, signal):
+    lines = [f"line {i}" for i in range(50)] + ["x" * 5000]
+    message = p.WorkerExit.of("h.w1", 99, returncode, lines)
+    assert (message.status, message.signal) == (status, signal)
+    assert message.stderr == [f"line {i}" for i in range(31, 50)] + ["x" * 1000]  # the last 20, cut
+    assert roundtrip(message) == message
+
+
+@pytest.mark.parametrize("fields", [
+    {"worker": ""}, {"pid": 0}, {"status": None}, {"status": 1, "signal": 2},
+    {"stderr": ["x" * (p.MAX_LINE + 1)]},
+])
+def test_worker_exit_that_breaks_the_protocol_is_not_sent(fields):
+    args = {**_exit_fields(), **fields}
+    with pytest.raises(LocalProtocolError):
+        p.encode(p.WorkerExit(**args))

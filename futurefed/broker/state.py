@@ -20,12 +20,18 @@ that we always answer, if need be with an empty TASKS. Our own DEALER to a
 peer is a *link* (role ``link``): through it we ask for work when our
 workers idle and the peer's published load shows queued tasks, and the work
 we get arrives as if an origin had submitted it there.
+
+A *supervisor* (role ``supervisor``: fedrun's host agent, the embedded
+federation) is the parent of some workers. When one of them ends it sends
+WORKER_EXIT, and the worker is lost at once, without waiting for LIVENESS
+silent heartbeats; how it ended goes into the LOST records of its tasks.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple
@@ -44,7 +50,12 @@ ORIGIN = "origin"
 WORKER = "worker"
 BROKER = "broker"  # a peer broker that borrows work from us
 LINK = "link"  # our connection to a peer broker we borrow from
-ROLES = (ORIGIN, WORKER, BROKER)  # what a HELLO may claim
+SUPERVISOR = "supervisor"  # the parent of some workers: says when one ended
+ROLES = (ORIGIN, WORKER, BROKER, SUPERVISOR)  # what a HELLO may claim
+#: What a supervisor may send: it submits and runs nothing.
+SUPERVISOR_COMMANDS = frozenset({
+    p.Command.HELLO, p.Command.WORKER_EXIT, p.Command.HEARTBEAT, p.Command.BYE,
+})
 
 #: A task that has waited this long in a worker's queue without starting is
 #: taken back (CANCEL, then requeued) when another worker has nothing to do.
@@ -62,6 +73,11 @@ LIVENESS = 3
 MAX_RETRIES = 3
 #: At most this many peers (and hosts) are read from or put in a LOAD message.
 MAX_PEERS = 256
+#: A task whose worker was lost (a *suspect*: it may be what killed it) is
+#: not sent to a worker that holds another suspect, for this long at most
+#: after the loss. So a task that kills workers takes the tasks that shared
+#: its worker along at most once; after that they run apart from it.
+ISOLATE_FOR = 1.0
 
 
 def _count(value: Any) -> int:
@@ -77,7 +93,7 @@ class Peer:
         "ident", "role", "name", "host", "pid", "credit", "known", "inflight", "cancels",
         "task_address", "meta_address", "answer_due",
         "asked", "asked_at", "asked_seq", "got_nothing", "load", "load_seq",
-        "last_heard", "last_sent",
+        "last_heard", "last_sent", "ended",
     )
 
     def __init__(self, ident: bytes, meta: Dict[str, Any], now: float = 0.0) -> None:
@@ -105,9 +121,18 @@ class Peer:
         self.load_seq = -1
         self.last_heard = now  # liveness: any message counts
         self.last_sent = now
+        # how the process ended, as its supervisor said: LOST records carry it
+        self.ended: Optional[Dict[str, Any]] = None
 
     def __repr__(self) -> str:
         return f"<{self.role} {self.name} on {self.host} pid {self.pid}>"
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _address(value: Any) -> Optional[str]:
@@ -126,7 +151,7 @@ class QueuedTask:
     __slots__ = (
         "origin", "task_id", "fn", "init", "frames",
         "worker", "bid", "cancelled", "started", "done", "dispatched_at", "handed_out", "avoid",
-        "attempts",
+        "attempts", "lost_at",
     )
 
     def __init__(self, origin: bytes, record: p.TaskRecord) -> None:
@@ -144,6 +169,7 @@ class QueuedTask:
         self.handed_out = False  # ever dispatched: its origin can no longer cancel it
         self.avoid: Optional[bytes] = None  # revoked from this worker: not back to it this turn
         self.attempts = 0  # runs whose worker was lost
+        self.lost_at = 0.0  # when it last lost its worker: a *suspect* for ISOLATE_FOR
 
 
 class BrokerState:
@@ -184,6 +210,7 @@ class BrokerState:
         self._results: Dict[bytes, List[p.ResultRecord]] = {}
         self._started: Dict[bytes, List[int]] = {}
         self._revoked: List[QueuedTask] = []  # revoked in this pump
+        self._exits: List[Tuple[Peer, str]] = []  # workers reported ended, lost in the next pump
         self._handlers: Dict[p.Command, Callable[[bytes, Any], None]] = {
             p.Command.HELLO: self._on_hello,
             p.Command.SUBMIT: self._on_submit,
@@ -193,6 +220,7 @@ class BrokerState:
             p.Command.CANCEL: self._on_cancel,
             p.Command.HEARTBEAT: self._on_heartbeat,
             p.Command.BYE: self._on_bye,
+            p.Command.WORKER_EXIT: self._on_worker_exit,
         }
         # messages that come to us through a link, from the peer we borrow from
         self._link_handlers: Dict[p.Command, Callable[[bytes, Any], None]] = {
@@ -220,6 +248,9 @@ class BrokerState:
                 raise RemoteProtocolError(f"{message.command.name} is not for a broker")
             if message.command is not p.Command.HELLO and peer is None:
                 raise RemoteProtocolError(f"{message.command.name} before HELLO")
+            if (peer is not None and peer.role == SUPERVISOR
+                    and message.command not in SUPERVISOR_COMMANDS):
+                raise RemoteProtocolError(f"{message.command.name} from a supervisor")
             if peer is not None:
                 peer.last_heard = self.clock()
             handler(ident, message)
@@ -420,6 +451,42 @@ class BrokerState:
             link.asked, link.asked_at, link.asked_seq = count, now, link.load_seq
             idle -= count
 
+    def _on_worker_exit(self, ident: bytes, message: p.WorkerExit) -> None:
+        """A supervisor saw one of its workers end. It may speak only for a
+        worker connected here that said HELLO with the same host and the
+        named name and pid (a replacement has the name, not the pid); any
+        other is ignored. The loss itself waits for the next pump, so that
+        what the worker sent before it died and we have already received is
+        handled first."""
+        supervisor = self.peers[ident]
+        if supervisor.role != SUPERVISOR:
+            raise RemoteProtocolError(f"WORKER_EXIT from a {supervisor.role}")
+        worker = next((
+            peer for peer in self.peers.values()
+            if peer.role == WORKER and peer.name == message.worker and peer.pid == message.pid
+            and peer.host == supervisor.host
+        ), None)
+        if worker is None:
+            logger.info("%s says worker %s (pid %d) ended; no such worker here: ignored",
+                        supervisor, message.worker[:200], message.pid)
+            return
+        if message.signal is not None:
+            how = f"killed by {_signal_name(message.signal)}"
+        else:
+            how = f"exited with status {message.status}"
+        worker.ended = {
+            "status": message.status, "signal": message.signal, "stderr": list(message.stderr),
+        }
+        self._exits.append((worker, f"{how} (its supervisor saw it end)"))
+
+    def _lose_ended(self) -> None:
+        """Lose the workers whose supervisors said they ended (see
+        :meth:`_on_worker_exit`), unless they have left meanwhile."""
+        exits, self._exits = self._exits, []
+        for worker, reason in exits:
+            if self.peers.get(worker.ident) is worker:
+                self._lose_peer(worker.ident, reason)
+
     def _on_heartbeat(self, ident: bytes, message: p.Message) -> None:
         pass  # nothing to do: a peer may send it when it has nothing else to say
 
@@ -509,7 +576,8 @@ class BrokerState:
 
     def next_check(self) -> Optional[float]:
         """Seconds until :meth:`pump` may have something to do unprompted: a
-        task to revoke, or an unanswered request for work to forget."""
+        task to revoke, an unanswered request for work to forget, or a
+        suspect whose isolation ends."""
         checks = []
         if any(link.asked for link in self.peers.values() if link.role == LINK):
             checks.append(BORROW_TIMEOUT)
@@ -519,6 +587,9 @@ class BrokerState:
             and any(w.role == WORKER and len(w.inflight) > 1 for w in self.peers.values())
         ):
             checks.append(REVOKE_AFTER)
+        isolated = self._isolation_ends()
+        if isolated is not None:
+            checks.append(isolated)
         return min(checks) if checks else None
 
     def _reject(self, task: QueuedTask, reason: str) -> None:
@@ -543,6 +614,7 @@ class BrokerState:
         for bid, task in peer.inflight.items():
             if task.worker == ident and task.bid == bid and not (task.cancelled or task.done):
                 task.attempts += 1
+                task.lost_at = self.clock()
         self._drop_peer(ident, lost=reason)
 
     def _fail_lost(self, task: QueuedTask, peer: Peer, reason: str) -> None:
@@ -552,7 +624,7 @@ class BrokerState:
         del self.tasks[(task.origin, task.task_id)]
         detail = json.dumps({
             "host": peer.host, "worker": peer.name, "pid": peer.pid, "reason": reason,
-            "attempts": task.attempts,
+            "attempts": task.attempts, **(peer.ended or {}),
         })
         record = p.ResultRecord(task.task_id, p.Status.LOST, [detail.encode()])
         self._results.setdefault(task.origin, []).append(record)
@@ -616,8 +688,10 @@ class BrokerState:
                 self._lose_peer(ident, f"silent for {silent:.1f} s")
             elif now - peer.last_sent >= self.heartbeat:
                 self._send(ident, p.Heartbeat())
+
     def pump(self) -> List[Outgoing]:
         """Dispatch what can be dispatched; return every message to send."""
+        self._lose_ended()
         self._check_liveness()
         self._revoke_stranded()
         self._dispatch()
@@ -678,6 +752,7 @@ class BrokerState:
         blobs: Dict[bytes, Any] = {}
         skipped: List[QueuedTask] = []
         now = self.clock()
+        holds_suspect: Optional[bool] = None  # worked out when a suspect comes up
         while queue and len(batch) < count:
             task = queue.popleft()
             if task.cancelled or task.done:
@@ -685,6 +760,13 @@ class BrokerState:
             if task.avoid == ident:
                 skipped.append(task)
                 continue
+            if task.attempts and now - task.lost_at < ISOLATE_FOR:
+                if holds_suspect is None:
+                    holds_suspect = self._holds_suspect(ident, worker, now)
+                if holds_suspect:
+                    skipped.append(task)
+                    continue
+                holds_suspect = True
             self.queued -= 1
             task.worker, task.bid, task.dispatched_at = ident, self._next_bid, now
             task.handed_out = True
@@ -701,6 +783,29 @@ class BrokerState:
             worker.answer_due = False
             self._send(ident, p.Tasks(batch, blobs))
         return len(batch)
+
+    @staticmethod
+    def _holds_suspect(ident: bytes, worker: Peer, now: float) -> bool:
+        """Whether ``worker`` has the live copy of a task still isolated
+        after losing its worker (see ISOLATE_FOR)."""
+        return any(
+            task.attempts and now - task.lost_at < ISOLATE_FOR and task.worker == ident
+            and task.bid == bid and not (task.cancelled or task.done)
+            for bid, task in worker.inflight.items()
+        )
+
+    def _isolation_ends(self) -> Optional[float]:
+        """Seconds until the first queued suspect that waits for a worker
+        without one may go anyway; None if none waits."""
+        if not self.queued or not self.ready:
+            return None
+        now = self.clock()
+        ends = [
+            task.lost_at + ISOLATE_FOR - now for task in self.queue
+            if task.attempts and now - task.lost_at < ISOLATE_FOR
+            and not (task.cancelled or task.done)
+        ]
+        return max(0.0, min(ends)) if ends else None
 
     # -- reporting -----------------------------------------------------------
 

@@ -7,6 +7,10 @@ or when fedrun falls silent for :data:`SILENCE_TIMEOUT`. The children hold
 the read end of a lifeline pipe whose write end only the agent has, so they
 also end if the agent is killed outright.
 
+It is the workers' supervisor: when one ends, it tells the broker at once
+(WORKER_EXIT, ``futurefed.supervisor``) how it ended and what it last wrote
+on stderr, then starts another in its place.
+
 It speaks a line protocol on stdin and stdout (docs/fedrun.md)::
 
     agent -> fedrun   @ready {"host", "cores", "python", "version", "pid"}
@@ -14,7 +18,7 @@ It speaks a line protocol on stdin and stdout (docs/fedrun.md)::
                       @spawn NAME PID              a broker or worker process started
                       @joined {"workers"}          how many workers joined the broker
                       @o NAME TEXT / @e NAME TEXT  a line of a child's stdout / stderr
-                      @exit NAME STATUS            a child ended
+                      @exit NAME STATUS            a child ended (negative: by that signal)
                       @error MESSAGE               could not start; the agent exits 1
                       @beat                        every HEARTBEAT seconds
     fedrun -> agent   @start {...}                 what to start (see :func:`_start`)
@@ -34,7 +38,10 @@ import subprocess
 import sys
 import threading
 import time
-from typing import IO, Any, Callable, Dict, List, Optional
+from collections import deque
+from typing import IO, Any, Callable, Deque, Dict, List, Optional
+
+from ..supervisor import STDERR_TAIL, report_exit
 
 HEARTBEAT = 1.0
 #: With no line from fedrun for this long, the agent ends everything.
@@ -77,6 +84,7 @@ class HostAgent:
         self.children: List[subprocess.Popen] = []  # type: ignore[type-arg]
         self.readers: List[threading.Thread] = []
         self.last_error: Dict[str, str] = {}  # each child's last stderr line
+        self.broker_address: Optional[str] = None  # where to report workers' ends
         self.restarts: Dict[str, Callable[[], Any]] = {}  # how to replace each worker
         self.replacing = threading.Lock()
         self.replaced = 0
@@ -100,23 +108,31 @@ class HostAgent:
         )
         self.children.append(process)
         self.out.send("spawn", f"{name} {process.pid}")
+        tail: Deque[str] = deque(maxlen=STDERR_TAIL)  # this process's, not its name's
         readers = []
         for tag, stream in (("o", process.stdout), ("e", process.stderr)):
-            reader = threading.Thread(target=self._relay, args=(name, tag, stream), daemon=True)
+            reader = threading.Thread(
+                target=self._relay, args=(name, tag, stream, tail), daemon=True
+            )
             reader.start()
             readers.append(reader)
         self.readers += readers
-        threading.Thread(target=self._watch, args=(name, process, readers), daemon=True).start()
+        threading.Thread(
+            target=self._watch, args=(name, process, readers, tail), daemon=True
+        ).start()
         return process
 
-    def _relay(self, name: str, tag: str, stream: IO[bytes]) -> None:
+    def _relay(self, name: str, tag: str, stream: IO[bytes], tail: Deque[str]) -> None:
         for raw in stream:
             text = raw.decode("utf-8", errors="replace").rstrip()
-            if tag == "e" and text:
-                self.last_error[name] = text
+            if tag == "e":
+                tail.append(text)
+                if text:
+                    self.last_error[name] = text
             self.out.send(tag, f"{name} {text}")
 
-    def _watch(self, name: str, process: "subprocess.Popen[bytes]", readers: List[threading.Thread]) -> None:
+    def _watch(self, name: str, process: "subprocess.Popen[bytes]", readers: List[threading.Thread],
+               tail: Deque[str]) -> None:
         status = process.wait()
         for reader in readers:  # its last lines go first
             reader.join(STOP_TIMEOUT)
@@ -124,6 +140,8 @@ class HostAgent:
         restart = self.restarts.get(name)
         if restart is None or self.stopping.is_set():
             return
+        if self.broker_address is not None:  # the broker loses it now, not 3 heartbeats later
+            report_exit(self.broker_address, name, process.pid, status, list(tail))
         with self.replacing:
             if self.stopping.is_set() or self.replaced >= MAX_REPLACEMENTS:
                 return
@@ -179,6 +197,7 @@ class HostAgent:
             raise _StartError(f"the broker did not start: {why}")
         self.out.json("broker", {"task": ready["advertised"], "meta": ready["advertised_meta"]})
         port = ready["task"].rsplit(":", 1)[1]
+        self.broker_address = f"tcp://127.0.0.1:{port}"
         count = int(spec.get("workers", 0))
         for index in range(count):
             worker_name = f"{name}.w{index}"

@@ -208,7 +208,7 @@ class Session:
             if agent.broker is not None:  # else the agent's @error says why
                 self._host_failed(agent, f"the broker exited with status {status}")
         else:
-            self.say(f"{agent.channel.label}: worker {name} exited with status {status}; replacing it")
+            self.say(f"{agent.channel.label}: worker {name} {_how_it_ended(status)}; replacing it")
 
     def _fail(self, reason: str) -> None:
         if self.failure is None:
@@ -473,6 +473,21 @@ def _die_with_parent() -> None:
 
 class _Terminated(BaseException):
     """SIGTERM reached fedrun."""
+
+
+def _how_it_ended(status: str) -> str:
+    """``exited with status N`` or ``was killed by SIGNAME``, from an
+    ``@exit`` line's status (negative: the signal, as subprocess says)."""
+    try:
+        code = int(status)
+    except ValueError:
+        return f"exited with status {status}"
+    if code >= 0:
+        return f"exited with status {code}"
+    try:
+        return f"was killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"was killed by signal {-code}"
 
 
 def _json(text: str) -> Dict[str, Any]:

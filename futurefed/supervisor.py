@@ -30,17 +30,19 @@ LINGER_MS = 2000
 
 
 def report_exit(address: str, worker: str, pid: int, returncode: int, stderr: Sequence[str],
-                context: Optional[Any] = None) -> None:
+                context: Optional[Any] = None, key: Optional[Any] = None) -> None:
     """Tell the broker at ``address`` that worker ``worker`` (process
     ``pid``) ended with ``returncode`` (as ``subprocess`` gives it: negative
-    for a signal), with its last ``stderr`` lines. Does not wait for the
-    broker; a failure to send is logged, never raised."""
+    for a signal), with its last ``stderr`` lines; ``key`` is the
+    federation key, if its brokers use one. Does not wait for the broker; a
+    failure to send is logged, never raised."""
     import zmq
 
     from . import protocol as p
     from ._sockets import task_socket
     from ._versions import local_versions
     from .errors import LocalProtocolError
+    from .security import make_client
 
     try:
         notice = p.WorkerExit.of(worker, pid, returncode, stderr, lines=STDERR_TAIL)
@@ -56,6 +58,7 @@ def report_exit(address: str, worker: str, pid: int, returncode: int, stderr: Se
         logger.warning("cannot report that worker %s (pid %d) ended: %s", worker, pid, exc)
         return
     sock = task_socket(context or zmq.Context.instance(), zmq.DEALER, linger_ms=LINGER_MS)
+    make_client(sock, key)
     try:
         sock.connect(address)
         for message in frames:

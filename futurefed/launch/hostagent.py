@@ -141,7 +141,7 @@ class HostAgent:
         if restart is None or self.stopping.is_set():
             return
         if self.broker_address is not None:  # the broker loses it now, not 3 heartbeats later
-            report_exit(self.broker_address, name, process.pid, status, list(tail))
+            report_exit(self.broker_address, name, process.pid, status, list(tail), key=self.key)
         with self.replacing:
             if self.stopping.is_set() or self.replaced >= MAX_REPLACEMENTS:
                 return

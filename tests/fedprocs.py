@@ -90,13 +90,14 @@ class BrokerInfo:
 class Federation:
     """Brokers and workers as separate processes; :meth:`close` ends them all."""
 
-    def __init__(self) -> None:
+    def __init__(self, env: Optional[Dict[str, str]] = None) -> None:
         self.processes: List[Process] = []
         self.brokers: Dict[str, BrokerInfo] = {}
+        self.env = dict(env or {})  # for every process, e.g. FUTUREFED_KEY_FILE
 
     def _start(self, name: str, argv: Sequence[str], env: Dict[str, str]) -> Process:
         popen = subprocess.Popen(
-            list(argv), env={**os.environ, **env}, stderr=subprocess.PIPE, text=True,
+            list(argv), env={**os.environ, **self.env, **env}, stderr=subprocess.PIPE, text=True,
             stdin=subprocess.DEVNULL,
         )
         process = Process(name, popen)

@@ -194,7 +194,9 @@ def is_endpoint(value: Any) -> bool:
     """True for an address a peer may tell us to connect to: ``tcp://`` or
     ``ipc://``, printable ASCII without spaces, at most MAX_ADDRESS long."""
     return (
-        isinstance(value, str) and len(value) <= MAX_ADDRESS and _ENDPOINT.fullmatch(value) is not None
+        isinstance(value, str)
+        and len(value) <= MAX_ADDRESS
+        and _ENDPOINT.fullmatch(value) is not None
     )
 
 

@@ -256,7 +256,9 @@ class BrokerState:
 
     def _welcome(self, ident: bytes, peer: Peer, peers: List[str]) -> None:
         """WELCOME ``peer``, naming the brokers it may join if we are lost."""
-        meta: Dict[str, Any] = {"broker": self.name, "task": self.address, "meta": self.meta_address}
+        meta: Dict[str, Any] = {
+            "broker": self.name, "task": self.address, "meta": self.meta_address,
+        }
         if peers:
             meta["peers"] = peers
         peer.told_peers = peers

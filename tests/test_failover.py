@@ -6,6 +6,7 @@ with a deadline."""
 
 from __future__ import annotations
 
+import ast
 import collections
 import concurrent.futures as cf
 import json
@@ -23,7 +24,7 @@ import pytest
 from futurefed import FederatedExecutor
 from futurefed.worker.loop import LIVENESS
 
-from fedprocs import GUARD, ROOT, TESTS
+from fedprocs import GUARD, ROOT, TESTS, Process
 from procs import wait_gone
 from test_executor_contract import arrive_and_wait
 from test_faults import await_load
@@ -343,4 +344,86 @@ def test_host_agent_workers_outlive_their_broker_and_a_replacement_finds_another
     pids = [*workers.values(), replacement, broker]
     h2.stop()
     h1.stop()
+    assert wait_gone(pids, GUARD) == []
+
+
+SESSION = """\
+import sys
+from futurefed.launch.channels import AgentCommand, LocalChannel
+from futurefed.launch.session import Plan, Session
+
+program, gate, window, pythonpath = sys.argv[1:]
+plan = Plan(program=[sys.executable, program, gate, window], workers=3, bind_host="127.0.0.1",
+            env={"FUTUREFED_HEARTBEAT": "%s"}, verbose=True)
+sys.exit(Session(plan, [LocalChannel("h1"), LocalChannel("h2")],
+                 lambda channel: AgentCommand(env={"PYTHONPATH": pythonpath}),
+                 lambda total, cores: [1, 2]).run())
+""" % BEAT
+
+H2_PROGRAM = """\
+import os, sys, time
+from futurefed import FederatedExecutor
+
+def where(_):
+    time.sleep(0.01)
+    return os.environ["WORKER_NAME"], os.getpid()
+
+def h2_workers(executor):
+    seen, deadline = {}, time.monotonic() + 20  # a deadlock guard
+    while len(seen) < 2 and time.monotonic() < deadline:
+        seen.update(r for r in executor.map(where, range(30)) if r[0].startswith("h2."))
+    return sorted(seen.items())
+
+with FederatedExecutor() as executor:
+    print("before", h2_workers(executor), file=sys.stderr, flush=True)
+    with open(sys.argv[1]) as gate:  # the test kills h2's broker, then opens it
+        gate.readline()
+    watch_until = time.monotonic() + float(sys.argv[2])
+    while time.monotonic() < watch_until:  # how long h2's workers must last
+        list(executor.map(where, range(30)))
+    print("after", h2_workers(executor), file=sys.stderr, flush=True)
+"""
+
+
+def test_a_fedrun_session_keeps_the_workers_of_a_host_whose_broker_died(tmp_path):
+    """Two host agents on this machine, as fedrun runs them (h1 has the
+    program's broker). h2's broker dies: fedrun goes on heartbeating h2's
+    agent, whose workers, the same processes, serve h1's broker for longer
+    than an agent's silence timeout, and the session ends cleanly."""
+    from futurefed.launch.hostagent import SILENCE_TIMEOUT
+
+    program, gate = tmp_path / "prog.py", tmp_path / "gate"
+    program.write_text(H2_PROGRAM)
+    os.mkfifo(gate)
+    popen = subprocess.Popen(
+        [sys.executable, "-c", SESSION, str(program), str(gate), str(SILENCE_TIMEOUT + 1.5), ROOT],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    fedrun = Process("fedrun", popen)
+    gate_fd = -1
+    try:
+        before = ast.literal_eval(fedrun.wait_for(r"^before (.*)$").group(1))
+        assert [name for name, _ in before] == ["h2.w0", "h2.w1"]
+        broker = int(fedrun.wait_for(r"fedrun: h2: started h2\.broker \(pid (\d+)\)").group(1))
+        os.kill(broker, signal.SIGKILL)
+        fedrun.wait_for(
+            r"fedrun: h2: the broker exited with status -9; its tasks run again on the other"
+            r" hosts and its workers join their brokers"
+        )
+        gate_fd = os.open(gate, os.O_RDWR)  # never blocks; the program reads the line
+        os.write(gate_fd, b"go\n")
+        assert popen.wait(GUARD) == 0, "".join(fedrun.lines)
+    finally:
+        if popen.poll() is None:
+            popen.kill()
+            popen.wait()
+        if gate_fd != -1:
+            os.close(gate_fd)
+        fedrun.close()
+    after = ast.literal_eval(fedrun.wait_for(r"^after (.*)$").group(1))
+    assert after == before, "".join(fedrun.lines)  # the same processes, still serving
+    log = "".join(fedrun.lines)
+    assert not re.search(r"fedrun: h2: worker \S+ exited", log), log  # none replaced
+    pids = [int(pid) for pid in re.findall(r"started \S+ \(pid (\d+)\)", log)]
+    assert len(pids) == 2 + 2 + 3  # agents, brokers, workers
     assert wait_gone(pids, GUARD) == []

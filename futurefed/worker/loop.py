@@ -68,9 +68,10 @@ LIVENESS = 3
 #: Seconds a worker whose broker was lost looks for another, when it has no
 #: ``connect_timeout``.
 REJOIN_TIMEOUT = 10.0
-#: What the connection monitor reports: a connection refused (and retried)
-#: or an established one closed. Either ends the broker's session: ZeroMQ
-#: would reconnect under a new routing id, which the broker does not know.
+#: What the connection monitor reports: a connection refused (and retried),
+#: which ends an attempt to join a broker, or an established one closed,
+#: which ends the session with the broker: ZeroMQ would reconnect under a
+#: new routing id, which the broker does not know.
 _MONITORED = zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_DISCONNECTED
 
 

@@ -19,7 +19,9 @@ _EPILOG = """environment (flags win over these):
   META_ADDRESS      the broker's meta socket, where it publishes its load
                     (default: BROKER_ADDRESS's port + 1)
   BROKER_ADDRESSES  peer brokers' task sockets, separated by spaces or commas
-                    (a broker connects to them and shares their load)
+                    (a broker connects to them and shares their load; a
+                    worker joins one of them if its broker does not answer
+                    or is lost)
   META_ADDRESSES    the peers' meta sockets, in the same order
                     (default: each task port + 1)
   BROKER_NAME       the broker's name (default: broker)

@@ -133,6 +133,7 @@ class LocalFederation:
                 "WORKER_NAME": worker_name,
                 "BROKER_NAME": self._name,
                 "BROKER_ADDRESS": self.address,
+                "BROKER_ADDRESSES": "",  # no other broker: it ends with this one
             }),
         )
         self.processes.append(process)

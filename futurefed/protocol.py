@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, List, Optional, Sequence, Type
@@ -52,6 +53,7 @@ __all__ = [
     "decode",
     "dispatch",
     "encode",
+    "is_endpoint",
 ]
 
 MAGIC = b"FF"
@@ -68,6 +70,11 @@ MAX_BATCH = 1_000_000
 MAX_TAIL_LINES = 100
 MAX_LINE = 4096
 MAX_NAME = 200
+#: At most this many peer addresses in a WELCOME, each at most MAX_ADDRESS long.
+MAX_WELCOME_PEERS = 64
+MAX_ADDRESS = 300
+
+_ENDPOINT = re.compile(r"(?:tcp|ipc)://[!-~]+")  # printable ASCII, no spaces
 
 _HEADER = struct.Struct("!2sBB")
 _COUNT = struct.Struct("!I")
@@ -190,12 +197,54 @@ class Hello(_MetaMessage):
     command = Command.HELLO
 
 
+def is_endpoint(value: Any) -> bool:
+    """True for an address a peer may tell us to connect to: ``tcp://`` or
+    ``ipc://``, printable ASCII without spaces, at most MAX_ADDRESS long."""
+    return (
+        isinstance(value, str)
+        and len(value) <= MAX_ADDRESS
+        and _ENDPOINT.fullmatch(value) is not None
+    )
+
+
+def _check_peers(error: Type[Exception], meta: Dict[str, Any]) -> None:
+    """WELCOME's optional ``peers``: a list of at most MAX_WELCOME_PEERS endpoints."""
+    if "peers" not in meta:
+        return
+    peers = meta["peers"]
+    if not isinstance(peers, list) or len(peers) > MAX_WELCOME_PEERS:
+        raise error(f"Welcome: peers must be a list of at most {MAX_WELCOME_PEERS} addresses")
+    for address in peers:
+        if not is_endpoint(address):
+            raise error(f"Welcome: peer {str(address)[:80]!r} is not a tcp:// or ipc:// address")
+
+
 @_register
 @dataclass(frozen=True)
 class Welcome(_MetaMessage):
-    """The broker accepted a HELLO; ``meta`` names the broker."""
+    """The broker accepted a HELLO: ``broker`` (its name), ``task`` and
+    ``meta`` (its addresses) and, if it knows any, ``peers``: the task
+    addresses of the other brokers of the federation, which its workers join
+    if it is lost. A broker sends WELCOME again to its workers when that list
+    changes. ``peers`` is checked strictly, the other keys are not."""
 
     command = Command.WELCOME
+
+    @property
+    def peers(self) -> List[str]:
+        """The peer brokers' task addresses (empty if the broker named none)."""
+        return list(self.meta.get("peers", ()))
+
+    def encode_body(self) -> List[Frame]:
+        _check_peers(LocalProtocolError, self.meta)
+        return super().encode_body()
+
+    @classmethod
+    def decode_body(cls, frames: Sequence[Frame]) -> Message:
+        _expect_frames(cls, frames, 1)
+        meta = _decode_json(cls, frames[0])
+        _check_peers(RemoteProtocolError, meta)
+        return cls(meta)
 
 
 @_register

@@ -120,16 +120,21 @@ class Federation:
         self.brokers[name] = info
         return info
 
-    def worker(self, name: str, broker: BrokerInfo, wait: bool = True) -> Process:
-        """Start ``fedworker`` named ``name`` for ``broker``; with ``wait``,
+    def worker(
+        self, name: str, broker: BrokerInfo, wait: bool = True, args: Sequence[str] = (),
+        env: Optional[Dict[str, str]] = None,
+    ) -> Process:
+        """Start ``fedworker`` named ``name`` for ``broker`` (with extra
+        command-line ``args`` and environment ``env``); with ``wait``,
         return once the broker has welcomed it."""
-        process = self._start(name, command("fedworker"), {
+        process = self._start(name, command("fedworker") + list(args), {
             "IS_ORIGIN": "0",
             "WORKER_NAME": name,
             "BROKER_NAME": broker.name,
             "BROKER_ADDRESS": broker.task,
             # as a user points workers at their code: our task functions
             "PYTHONPATH": os.pathsep.join([TESTS, ROOT, os.environ.get("PYTHONPATH", "")]),
+            **(env or {}),
         })
         if wait:
             broker.process.wait_for(rf"<worker {re.escape(name)} on .* pid {process.pid}> joined")

@@ -55,7 +55,14 @@ class Broker:
     def connect(self, ident, role, **meta):
         self.send(ident, p.Hello({"role": role, "name": ident.decode(), **meta}))
         out = self.pump()
-        assert out == [(ident, p.Welcome({"broker": self.state.name, "task": self.state.address, "meta": self.state.meta_address}))]
+        assert out == [(ident, self.welcome())]
+
+    def welcome(self):
+        """The WELCOME this broker answers a HELLO with now."""
+        meta = {"broker": self.state.name, "task": self.state.address, "meta": self.state.meta_address}
+        if self.state.peer_addresses():
+            meta["peers"] = self.state.peer_addresses()
+        return p.Welcome(meta)
 
     def submit(self, ident, tasks, blobs=None):
         self.send(ident, p.Submit(tasks, dict(blobs or {})))

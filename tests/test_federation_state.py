@@ -259,3 +259,59 @@ def test_a_lost_record_crosses_brokers_unchanged(pair):
     assert (info["worker"], info["host"], info["pid"]) == ("w2", "hb", 22)
     assert (info["status"], info["signal"]) == (None, 11)
     assert info["stderr"] == ["Fatal Python error: Segmentation fault"]
+
+
+# -- where workers go if their broker is lost ---------------------------------------------
+
+
+def test_a_workers_welcome_names_the_peers_its_broker_knows(pair):
+    a, b = pair
+    a.connect(b"wa", "worker")  # A learnt B from the HELLO of B's link
+    assert a.welcome().peers == [B_TASK]
+    b.connect(b"w2", "worker")  # B knows A: it links to it
+    assert b.welcome().peers == [A_TASK]
+
+
+def test_a_broker_that_knows_no_peer_names_none():
+    a = make("A", A_TASK, A_META)
+    a.connect(b"wa", "worker")
+    assert "peers" not in a.welcome().meta
+
+
+def test_workers_are_told_of_peers_learnt_later():
+    """Each worker gets a fresh WELCOME at the next liveness tick after the
+    list changed, and only then; origins and peer brokers get none."""
+    b = Broker("B", heartbeat=1.0)
+    b.state.address, b.state.meta_address = B_TASK, B_META
+    b.connect(b"o", "origin")
+    b.connect(b"w1", "worker")
+    b.connect(b"w2", "worker")
+    b.tick(0.3)
+    assert b.pump() == []
+    b.state.learn(A_TASK, A_META)
+    b.state.on_load({"task": A_TASK, "seq": 1, "peers": [{"task": "tcp://c:1"}, {"task": B_TASK}]})
+    assert b.pump() == []  # not before the next liveness tick
+    b.tick(0.3)
+    out = b.pump()
+    assert sorted(ident for ident, _ in out) == [b"w1", b"w2"]
+    assert {m.peers == [A_TASK, "tcp://c:1"] for _, m in out} == {True}
+    assert all(isinstance(m, p.Welcome) and m.meta["broker"] == "B" for _, m in out)
+    b.tick(0.3)
+    assert b.pump() == []  # told already
+    b.state.learn("tcp://d:1", None)
+    assert b.pump() == []  # not before the next tick
+    b.tick(0.3)
+    welcomes = [(i, m) for i, m in b.pump() if isinstance(m, p.Welcome)]  # (and heartbeats)
+    assert sorted(i for i, _ in welcomes) == [b"w1", b"w2"]
+    assert [m.peers for _, m in welcomes] == [[A_TASK, "tcp://c:1", "tcp://d:1"]] * 2
+
+
+def test_peers_in_a_welcome_are_addresses_a_worker_can_use_and_few_enough():
+    b = make("B", B_TASK, B_META)
+    b.state.learn("inproc://nope", None)
+    for i in range(p.MAX_WELCOME_PEERS + 10):
+        b.state.learn(f"tcp://h{i}:1", None)
+    peers = b.state.peer_addresses()
+    assert peers == [f"tcp://h{i}:1" for i in range(p.MAX_WELCOME_PEERS)]
+    b.connect(b"w", "worker")
+    assert b.welcome().peers == peers

@@ -60,7 +60,7 @@ def sample_messages():
     """One non-trivial message of every type, every record with >= 1 frame."""
     return [
         p.Hello({"role": "worker", "name": "w1", "host": "h", "pid": 42, "versions": {"py": "3.11"}}),
-        p.Welcome({"broker": "b"}),
+        p.Welcome({"broker": "b", "peers": ["tcp://10.0.0.2:5555", "ipc:///tmp/ff.sock"]}),
         p.Refuse("go away"),
         p.Submit(
             [p.TaskRecord(1, FN, p.NO_INIT, [b"call"]), p.TaskRecord(2, FN, INIT, [b"c", b"buf"])],
@@ -111,6 +111,9 @@ def test_every_command_has_a_sample():
         p.Hello(),
         p.Hello({"role": "origin", "unicode": "h\u00e9llo \u2603", "nested": [1, [2, {"x": None}]]}),
         p.Welcome(),
+        p.Welcome({"peers": []}),
+        p.Welcome({"peers": ["tcp://[::1]:5555"] * p.MAX_WELCOME_PEERS}),
+        p.Welcome({"peers": ["tcp://" + "h" * (p.MAX_ADDRESS - 11) + ":5555"]}),
         p.Refuse(""),
         p.Refuse("unknown role 'x' \u2603"),
         p.Submit(),
@@ -384,6 +387,38 @@ HOSTILE = [
     ("welcome-not-json", [H(p.Command.WELCOME), b"\x00\x01"]),
     ("welcome-non-object", [H(p.Command.WELCOME), b"[]"]),
     ("welcome-oversized", [H(p.Command.WELCOME), _b({"b": "x" * (p.MAX_JSON_BYTES + 1)})]),
+    # WELCOME's peers: a list of at most MAX_WELCOME_PEERS tcp:// or ipc:// addresses
+    ("welcome-peers-null", [H(p.Command.WELCOME), _b({"peers": None})]),
+    ("welcome-peers-string", [H(p.Command.WELCOME), _b({"peers": "tcp://a:1"})]),
+    ("welcome-peers-object", [H(p.Command.WELCOME), _b({"peers": {"tcp://a:1": 1}})]),
+    ("welcome-peers-number", [H(p.Command.WELCOME), _b({"peers": 3})]),
+    ("welcome-peer-number", [H(p.Command.WELCOME), _b({"peers": [5555]})]),
+    ("welcome-peer-null", [H(p.Command.WELCOME), _b({"peers": ["tcp://a:1", None]})]),
+    ("welcome-peer-object", [H(p.Command.WELCOME), _b({"peers": [{"task": "tcp://a:1"}]})]),
+    ("welcome-peer-list", [H(p.Command.WELCOME), _b({"peers": [["tcp://a:1"]]})]),
+    ("welcome-peer-empty", [H(p.Command.WELCOME), _b({"peers": [""]})]),
+    ("welcome-peer-no-scheme", [H(p.Command.WELCOME), _b({"peers": ["a:1"]})]),
+    ("welcome-peer-scheme-only", [H(p.Command.WELCOME), _b({"peers": ["tcp://"]})]),
+    ("welcome-peer-inproc", [H(p.Command.WELCOME), _b({"peers": ["inproc://x"]})]),
+    ("welcome-peer-udp", [H(p.Command.WELCOME), _b({"peers": ["udp://a:1"]})]),
+    ("welcome-peer-upper-scheme", [H(p.Command.WELCOME), _b({"peers": ["TCP://a:1"]})]),
+    ("welcome-peer-space", [H(p.Command.WELCOME), _b({"peers": ["tcp://a b:1"]})]),
+    ("welcome-peer-newline", [H(p.Command.WELCOME), _b({"peers": ["tcp://a:1\ntcp://b:2"]})]),
+    ("welcome-peer-nul", [H(p.Command.WELCOME), _b({"peers": ["tcp://a\u0000:1"]})]),
+    ("welcome-peer-non-ascii", [H(p.Command.WELCOME), _b({"peers": ["tcp://h\u00e9:1"]})]),
+    ("welcome-peer-leading-space", [H(p.Command.WELCOME), _b({"peers": [" tcp://a:1"]})]),
+    (
+        "welcome-peer-too-long",
+        [H(p.Command.WELCOME), _b({"peers": ["tcp://" + "h" * (p.MAX_ADDRESS - 10) + ":5555"]})],
+    ),
+    (
+        "welcome-too-many-peers",
+        [H(p.Command.WELCOME), _b({"peers": ["tcp://a:1"] * (p.MAX_WELCOME_PEERS + 1)})],
+    ),
+    (
+        "welcome-one-bad-peer-among-good",
+        [H(p.Command.WELCOME), _b({"peers": ["tcp://a:1"] * 10 + ["tcp://a :1"] + ["tcp://b:2"]})],
+    ),
     ("refuse-no-body", [H(p.Command.REFUSE)]),
     ("refuse-oversized", [H(p.Command.REFUSE), b"x" * (p.MAX_JSON_BYTES + 1)]),
     # id lists
@@ -525,6 +560,42 @@ def test_refuse_with_a_long_reason_still_decodes(reason):
     assert decoded.reason[:100] == reason[:100]
 
 
+def test_welcome_without_peers_names_none():
+    assert roundtrip(p.Welcome({"broker": "b"})).peers == []
+
+
+def test_welcome_peers_keep_their_order_and_duplicates():
+    peers = ["tcp://c:3", "tcp://a:1", "tcp://c:3"]
+    assert roundtrip(p.Welcome({"peers": peers})).peers == peers
+
+
+@pytest.mark.parametrize("peers", [None, "tcp://a:1", ["nope"], ["tcp://a:1"] * (p.MAX_WELCOME_PEERS + 1)])
+def test_welcome_with_bad_peers_is_not_sent(peers):
+    """What a broker sends must be something its workers accept."""
+    with pytest.raises(LocalProtocolError):
+        p.encode(p.Welcome({"peers": peers}))
+
+
+@pytest.mark.parametrize(
+    "value, ok",
+    [
+        ("tcp://127.0.0.1:5555", True),
+        ("tcp://node-1.cluster.example:5555", True),
+        ("tcp://[fe80::1]:5555", True),
+        ("ipc:///tmp/futurefed.sock", True),
+        ("tcp://", False),
+        ("inproc://x", False),
+        ("tcp://a b:1", False),
+        ("", False),
+        (None, False),
+        (b"tcp://a:1", False),
+        ("tcp://" + "h" * p.MAX_ADDRESS, False),
+    ],
+)
+def test_is_endpoint(value, ok):
+    assert p.is_endpoint(value) is ok
+
+
 # -- properties ------------------------------------------------------------------------
 
 PROPERTY = settings(
@@ -559,7 +630,15 @@ batches = st.tuples(
 
 messages = st.one_of(
     st.builds(p.Hello, metas),
-    st.builds(p.Welcome, metas),
+    st.builds(p.Welcome, metas.map(lambda meta: {k: v for k, v in meta.items() if k != "peers"})),
+    st.builds(
+        lambda meta, peers: p.Welcome({**meta, "peers": peers}),
+        metas,
+        st.lists(
+            st.from_regex(r"(tcp|ipc)://[!-~]{1,40}", fullmatch=True),
+            max_size=p.MAX_WELCOME_PEERS,
+        ),
+    ),
     st.builds(p.Refuse, st.text(max_size=40)),
     batches.map(lambda b: p.Submit(*b)),
     batches.map(lambda b: p.Tasks(*b)),

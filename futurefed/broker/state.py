@@ -93,7 +93,7 @@ class Peer:
         "ident", "role", "name", "host", "pid", "credit", "known", "inflight", "cancels",
         "task_address", "meta_address", "answer_due",
         "asked", "asked_at", "asked_seq", "got_nothing", "load", "load_seq",
-        "last_heard", "last_sent", "ended",
+        "last_heard", "last_sent", "ended", "told_peers",
     )
 
     def __init__(self, ident: bytes, meta: Dict[str, Any], now: float = 0.0) -> None:
@@ -123,6 +123,8 @@ class Peer:
         self.last_sent = now
         # how the process ended, as its supervisor said: LOST records carry it
         self.ended: Optional[Dict[str, Any]] = None
+        # worker: the peers our last WELCOME named, where it goes if we are lost
+        self.told_peers: List[str] = []
 
     def __repr__(self) -> str:
         return f"<{self.role} {self.name} on {self.host} pid {self.pid}>"
@@ -281,7 +283,32 @@ class BrokerState:
             self._drop_peer(ident)
         self.peers[ident] = peer
         logger.info("%s joined", peer)
-        self._send(ident, p.Welcome({"broker": self.name, "task": self.address, "meta": self.meta_address}))
+        self._welcome(ident, peer, self.peer_addresses())
+
+    def _welcome(self, ident: bytes, peer: Peer, peers: List[str]) -> None:
+        """WELCOME ``peer``, naming the brokers it may join if we are lost."""
+        meta: Dict[str, Any] = {
+            "broker": self.name, "task": self.address, "meta": self.meta_address,
+        }
+        if peers:
+            meta["peers"] = peers
+        peer.told_peers = peers
+        self._send(ident, p.Welcome(meta))
+
+    def peer_addresses(self) -> List[str]:
+        """The task addresses of the peer brokers we know, in the order we
+        learnt them, as many as a WELCOME may carry."""
+        addresses = [
+            task for task in self.brokers if task != self.address and p.is_endpoint(task)
+        ]
+        return addresses[: p.MAX_WELCOME_PEERS]
+
+    def _tell_workers_peers(self) -> None:
+        """WELCOME again each worker whose list of peers is out of date."""
+        peers = self.peer_addresses()
+        for ident, peer in self.peers.items():
+            if peer.role == WORKER and peer.told_peers != peers:
+                self._welcome(ident, peer, peers)
 
     def _on_submit(self, ident: bytes, message: p.Submit) -> None:
         if self.peers[ident].role == BROKER:
@@ -675,12 +702,14 @@ class BrokerState:
             peer.last_sent = self.clock()
 
     def _check_liveness(self) -> None:
-        """Heartbeat the peers we have been quiet to; lose the silent ones.
-        Runs at most four times per heartbeat interval."""
+        """Tell workers of new peers; heartbeat the peers we have been quiet
+        to; lose the silent ones. Runs at most four times per heartbeat
+        interval."""
         now = self.clock()
         if now < self._next_liveness:
             return
         self._next_liveness = now + self.heartbeat / 4
+        self._tell_workers_peers()
         limit = self.heartbeat * LIVENESS
         for ident, peer in list(self.peers.items()):
             silent = now - peer.last_heard

@@ -133,6 +133,11 @@ class HostAgent:
 
     def _watch(self, name: str, process: "subprocess.Popen[bytes]", readers: List[threading.Thread],
                tail: Deque[str]) -> None:
+        """Report a child's end; replace a worker that died. A worker whose
+        broker died does not end: it joins another host's broker (the peers
+        its broker named, or the ``peers`` fedrun gave us), so the broker's
+        death alone replaces nothing here; a worker that dies after that is
+        replaced by one that finds a broker the same way."""
         status = process.wait()
         for reader in readers:  # its last lines go first
             reader.join(STOP_TIMEOUT)
@@ -210,6 +215,9 @@ class HostAgent:
                     "WORKER_NAME": worker_name,
                     "BROKER_NAME": name,
                     "BROKER_ADDRESS": f"tcp://127.0.0.1:{port}",
+                    # where a worker goes if this host's broker is gone (the
+                    # broker's WELCOME names the others once it has one)
+                    "BROKER_ADDRESSES": broker_env["BROKER_ADDRESSES"],
                 },
                 nice=int(spec.get("nice", 0)),
             )

@@ -206,7 +206,7 @@ class Session:
             return
         if name.endswith(".broker"):
             if agent.broker is not None:  # else the agent's @error says why
-                self._host_failed(agent, f"the broker exited with status {status}")
+                self._broker_exited(agent, status)
         else:
             self.say(f"{agent.channel.label}: worker {name} {_how_it_ended(status)}; replacing it")
 
@@ -230,6 +230,20 @@ class Session:
                     agent.lost = True
                     silent = now - agent.last_heard
                     self._host_failed(agent, f"host lost (nothing heard for {silent:.0f} s)")
+
+    def _broker_exited(self, agent: _Agent, status: str) -> None:
+        """A host's broker died while the program runs. The first host's
+        ends the session, as losing that host does. Another's tasks run
+        again on the other hosts, and its workers join the other brokers
+        (docs/federation.md): its agent goes on running them, so it is still
+        heartbeaten and stopped at the end like any other."""
+        label = agent.channel.label
+        reason = f"the broker exited with status {status}"
+        if agent is self.agents[0] or self.origin is None:
+            self._fail(f"{label}: {reason}")
+            return
+        self.say(f"{label}: {reason}; its tasks run again on the other hosts"
+                 " and its workers join their brokers")
 
     def _host_failed(self, agent: _Agent, reason: str) -> None:
         """A host was lost while the program runs. Losing the first ends the

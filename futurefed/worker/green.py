@@ -113,11 +113,12 @@ class Hub:
         if _hub is self:
             _hub = None
 
-    def spawn(self, fn: Callable[..., Any], context: Any, *args: Any) -> None:
-        """Schedule ``fn(*args)`` in a new task greenlet."""
+    def spawn(self, fn: Callable[..., Any], context: Any, *args: Any) -> TaskGreenlet:
+        """Schedule ``fn(*args)`` in a new task greenlet; that greenlet."""
         glet = TaskGreenlet(fn, parent=self.glet)
         glet.context = context
         self.ready.append((glet, args))
+        return glet
 
     def in_task(self) -> bool:
         """True when called from a task greenlet of this hub (not from the

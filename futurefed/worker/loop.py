@@ -12,6 +12,13 @@ judged from a moving average of task durations, never fewer than two tasks
 (one running, one ready) nor more than :data:`MAX_PREFETCH`; before its first
 task has finished it takes one task only. Tasks still in its queue have not
 started and can be cancelled.
+
+A broker lost (silent for :data:`LIVENESS` heartbeats, or its connection
+closed): the worker abandons every task it held for it, and joins another
+broker of the federation, tried in turn (``search.py``): those the lost
+broker's last WELCOME named, then ``fallbacks`` (``BROKER_ADDRESSES``). It
+exits only when it knows none, or none answers within ``connect_timeout``
+(docs/federation.md, "A broker lost").
 """
 
 from __future__ import annotations
@@ -29,16 +36,20 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import greenlet
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from .. import protocol as p
 from .. import serialize
 from .._future import CANCEL_TIMEOUT, TaskFuture
 from .._versions import local_versions
 from .._sockets import drain, send_nowait, task_socket
-from ..security import FederationKey, HandshakeWatch, make_client
+from ..security import (
+    HANDSHAKE_EVENTS, FederationKey, describe_handshake_failure, make_client, monitor_socket,
+)
 from ..outcome import resolve_future, run_call
-from ..errors import RemoteProtocolError, SerializationError
-from .green import GreenFuture, Hub, Waiter
+from ..errors import FederationLost, RemoteProtocolError, SerializationError
+from .green import GreenFuture, Hub, TaskGreenlet, Waiter
+from .search import BrokerSearch, candidates
 
 __all__ = ["Worker"]
 
@@ -54,8 +65,17 @@ MAX_DRAIN = 256  # messages handled per poll before running tasks again
 #: Seconds a worker whose lifeline closed may take to finish on its own before
 #: it is ended mid-task: its origin is gone, so nobody wants the result.
 LIFELINE_GRACE = 1.0
-#: The broker is lost after this many heartbeat intervals of silence.
+#: The broker is lost after this many heartbeat intervals of silence; a
+#: broker tried in its stead has as long to answer.
 LIVENESS = 3
+#: Seconds a worker whose broker was lost looks for another, when it has no
+#: ``connect_timeout``.
+REJOIN_TIMEOUT = 10.0
+#: What the connection monitor reports: a connection refused (and retried),
+#: which ends an attempt to join a broker, or an established one closed,
+#: which ends the session with the broker: ZeroMQ would reconnect under a
+#: new routing id, which the broker does not know.
+_MONITORED = zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_DISCONNECTED
 
 
 def _watch_lifeline(fd: int) -> None:
@@ -70,6 +90,10 @@ def _watch_lifeline(fd: int) -> None:
     os._exit(1)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 class _InitState:
     """The outcome of one executor initializer in this worker."""
 
@@ -80,31 +104,56 @@ class _InitState:
 
 
 class Worker:
-    """Runs tasks from one broker until told to stop or the lifeline closes."""
+    """Runs tasks from a broker until told to stop or the lifeline closes;
+    joins another broker of the federation when its broker is lost.
+
+    Args:
+        address: the broker to join (``BROKER_ADDRESS``).
+        name: this worker's name (``WORKER_NAME``).
+        fallbacks: other brokers' task addresses (``BROKER_ADDRESSES``),
+            tried when ``address`` does not answer and after a broker loss.
+        connect_timeout: seconds to find a broker, at start and after a loss
+            (None: wait for the first broker for ever, and
+            :data:`REJOIN_TIMEOUT` after a loss).
+    """
 
     def __init__(
         self,
         address: str,
         name: str,
         *,
+        fallbacks: Sequence[str] = (),
         lifeline: Optional[int] = None,
         heartbeat: float = 1.0,
         connect_timeout: Optional[float] = None,
         context: Optional[zmq.Context] = None,  # type: ignore[type-arg]
         key: Optional[FederationKey] = None,
     ) -> None:
-        self.address = address
-        self.key = key
-        self.handshake: Optional[HandshakeWatch] = None  # until WELCOME
-        self._poller: Optional[zmq.Poller] = None
-        self.handshake_problem: Optional[str] = None  # why the broker would not have us
+        self.address = address  # the broker joined, or being tried
+        self.key = key  # the federation key (CurveZMQ), if it uses one
+        self.handshake_problem: Optional[str] = None  # why a broker would not have us
         self.name = name
+        self.fallbacks = list(fallbacks)
         self.lifeline = lifeline
         self.heartbeat = heartbeat
         self.connect_timeout = connect_timeout
-        self.welcomed = False
-        self.gave_up = False  # no broker answered within connect_timeout
-        self.broker_lost = False  # the broker fell silent for LIVENESS heartbeats
+        self.welcomed = False  # by the broker at ``address``
+        self.gave_up = False  # no broker answered at start within connect_timeout
+        self.broker_lost = False  # lost, and no other broker took us
+        self.failure: Optional[str] = None  # why we exit with status 1
+        # what the broker's WELCOME said: its name, its own idea of its
+        # address, and the peer brokers to go to if it is lost
+        self.broker_name = ""
+        self.broker_task: Optional[str] = None
+        self.peers: List[str] = []
+        self.search: Optional[BrokerSearch] = None  # looking for a broker
+        self.lost_at: Optional[float] = None  # when we last lost a broker
+        # Counts broker sessions: a task of an earlier one sends no result.
+        self.session = 0
+        self._refused = False  # the broker tried answered REFUSE
+        self._lost_name = ""  # the broker we lost last, for messages
+        self.monitor: Any = None  # connection events of ``sock``
+        self.poller = zmq.Poller()
         # The hub loop owns the socket; the heartbeat thread borrows it, under
         # this lock, only while a long task keeps the loop from sending.
         self._sock_lock = threading.RLock()
@@ -118,6 +167,7 @@ class Worker:
         # server side: tasks from the broker
         self.queue: "OrderedDict[int, p.TaskRecord]" = OrderedDict()
         self.running = 0
+        self._task_glets: Set[TaskGreenlet] = set()  # started in this session
         self.outstanding = 0  # credit granted to the broker, not yet used
         self.blobs: Dict[bytes, Any] = {}
         self.functions: Dict[bytes, Callable[..., Any]] = {}
@@ -148,45 +198,38 @@ class Worker:
     # -- phases: connect, serve, close ----------------------------------------
 
     def run(self) -> int:
-        """Serve until stopped; the process exit status (1 if no broker
-        answered within ``connect_timeout`` or the broker refused us)."""
+        """Serve until stopped; the process exit status: 1 if no broker
+        answered within ``connect_timeout``, a broker refused us, or our
+        broker was lost and no other took us (``failure`` says which)."""
         self.connect()
         try:
             self.serve()
         finally:
             self.close()
-        return 0 if self.welcomed and not self.broker_lost else 1
+        return 0 if self.welcomed and self.failure is None else 1
 
     def connect(self) -> None:
-        self.sock = task_socket(self.ctx, zmq.DEALER, linger_ms=1000)
-        make_client(self.sock, self.key)
-        self.handshake = HandshakeWatch(self.sock, self.key)
-        self.sock.connect(self.address)
+        """Start the helper threads and the search for our first broker."""
         if self.lifeline is not None:
+            self.poller.register(self.lifeline, zmq.POLLIN)
             threading.Thread(
                 target=_watch_lifeline, args=(self.lifeline,), name="lifeline", daemon=True
             ).start()
         threading.Thread(target=self._beat, name="heartbeat", daemon=True).start()
         self.hub.install()
         serialize.set_process_label(self.name)
-        self._send(p.Hello({
-            "role": "worker",
-            "name": self.name,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "versions": local_versions(),
-        }))
+        self.search = BrokerSearch(  # serve() opens the first connection
+            [self.address, *self.fallbacks], time.monotonic(), self.connect_timeout,
+            LIVENESS * self.heartbeat,
+        )
 
     def close(self) -> None:
         self.hub.uninstall()
         self._closed.set()
         with self._sock_lock:
-            if self.sock is not None:
-                if not self.stopping:
-                    self._send(p.Bye())
-                self._stop_watching()
-                self.sock.close()
-                self.sock = None
+            if self.sock is not None and not self.stopping:
+                self._send(p.Bye())
+        self._close_socket(linger_ms=1000)  # time for the BYE to leave
 
     def _beat(self) -> None:
         """Prove we are alive while a long task keeps the hub from sending."""
@@ -202,53 +245,220 @@ class Worker:
                 self._sock_lock.release()
 
     def serve(self) -> None:
-        poller = self._poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        if self.lifeline is not None:
-            poller.register(self.lifeline, zmq.POLLIN)
-        if self.handshake is not None:
-            poller.register(self.handshake.monitor, zmq.POLLIN)
-        deadline = None
-        if self.connect_timeout is not None:
-            deadline = time.monotonic() + self.connect_timeout
         while not self.stopping:
+            if self.search is not None and not self._step_search(time.monotonic()):
+                return
             self._flush()
             timeout = 0.0 if self.queue else self.hub.next_timeout()
             if timeout is None or timeout > self.heartbeat:
                 timeout = self.heartbeat
-            if deadline is not None and not self.welcomed:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self.gave_up = True
-                    logger.error(
-                        "worker %s: no broker answered at %s within %g s",
-                        self.name, self.address, self.connect_timeout,
-                    )
-                    return
-                timeout = min(timeout, left)
+            if self.search is not None:
+                until = self.search.timeout(time.monotonic())
+                if until is not None:
+                    timeout = min(timeout, until)
             with self._sock_lock:
-                events = dict(poller.poll(timeout * 1000))
+                events = dict(self.poller.poll(timeout * 1000))
                 if self.sock in events:
                     self._drain()
             if self.lifeline is not None and self.lifeline in events:
                 logger.info("worker %s: lifeline closed, exiting", self.name)
                 return
-            if self.handshake is not None and self.handshake.monitor in events:
-                problem = self.handshake.check()
-                if problem is not None:
-                    self.handshake_problem = problem
-                    logger.error("worker %s: %s", self.name, problem)
             if self.sock in events and self._cancel_waits:
                 self._wake_cancellers()
-            silent = time.monotonic() - self.last_heard
-            if self.welcomed and silent > LIVENESS * self.heartbeat:
-                self.broker_lost = True
-                logger.error("worker %s: broker at %s silent for %.1f s, exiting",
-                             self.name, self.address, silent)
+            if self._refused:
+                self._leave_refusing_broker()
+            elif self.monitor is not None and self.monitor in events:
+                if not self._on_connection_events():
+                    return
+            if not self._check_silence():
                 return
             self.hub.run_timers()
             self._start_tasks()
             self.hub.run_ready()
+
+    # -- the connection: opening, losing, finding another broker ------------------------
+
+    def _open(self, address: str) -> bool:
+        """Connect a new DEALER to ``address``, say HELLO and ask for work
+        (ZeroMQ queues both until the connection is up); False if
+        ``address`` cannot even be connected to."""
+        sock = task_socket(self.ctx, zmq.DEALER, linger_ms=0)
+        make_client(sock, self.key)
+        monitor = monitor_socket(sock, _MONITORED | HANDSHAKE_EVENTS)
+        try:
+            sock.connect(address)
+        except zmq.ZMQError as exc:
+            sock.disable_monitor()
+            monitor.close(linger=0)
+            sock.close()
+            logger.warning("worker %s: cannot connect to %s: %s", self.name, address, exc)
+            return False
+        with self._sock_lock:
+            self.sock, self.monitor, self.address = sock, monitor, address
+            self.poller.register(sock, zmq.POLLIN)
+            self.poller.register(monitor, zmq.POLLIN)
+            self.welcomed = False
+            self.outstanding = 0
+            self.last_sent = self.last_heard = time.monotonic()
+            self._send(p.Hello({
+                "role": "worker",
+                "name": self.name,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "versions": local_versions(),
+            }))
+        return True
+
+    def _close_socket(self, linger_ms: int = 0) -> None:
+        """Close the connection to the broker joined or tried, if any."""
+        with self._sock_lock:
+            sock, monitor, self.sock, self.monitor = self.sock, self.monitor, None, None
+            if sock is None:
+                return
+            self.poller.unregister(sock)
+            self.poller.unregister(monitor)
+            sock.disable_monitor()
+            monitor.close(linger=0)
+            sock.close(linger=linger_ms)
+
+    def _step_search(self, now: float) -> bool:
+        """Move the search for a broker on: end an attempt that had no answer
+        in time, start the next one when due; False when it has failed."""
+        search = self.search
+        if search is None:
+            return True
+        if search.failed(now):
+            self._search_failed()
+            return False
+        if search.attempt_over(now):
+            logger.info("worker %s: no answer from %s within %g s", self.name, search.current,
+                        search.attempt)
+            search.give_up_current(now)
+            self._close_socket()
+        while search.current is None:
+            address = search.start(now)
+            if address is None:
+                return True  # pausing between rounds
+            if not self._open(address):
+                search.give_up_current(now, refused=True)
+                if search.failed(now):
+                    self._search_failed()
+                    return False
+        return True
+
+    def _leave_refusing_broker(self) -> None:
+        """The broker tried answered REFUSE: never try it again."""
+        self._refused = False
+        if self.search is not None:
+            self.search.give_up_current(time.monotonic(), refused=True)
+        self._close_socket()
+
+    def _search_failed(self) -> None:
+        """Record and log why no broker took us."""
+        search = self.search
+        tried = " ".join(search.tried) if search is not None and search.tried else "nowhere"
+        if self.lost_at is None:
+            self.gave_up = True
+            waited = "" if self.connect_timeout is None else f" within {self.connect_timeout:g} s"
+            self.failure = f"no broker answered at {tried}{waited}"
+        else:
+            self.broker_lost = True
+            self.failure = (
+                f"broker {self._lost_name} lost, and no other broker took us within"
+                f" {self._rejoin_timeout():g} s (tried {tried})"
+            )
+        logger.error("worker %s: %s; exiting", self.name, self.failure)
+
+    def _on_connection_events(self) -> bool:
+        """Connection events of the socket: a refused or closed connection
+        ends an attempt, or loses the broker we had; False if we must exit."""
+        events = 0
+        while self.monitor is not None and self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)
+            events |= event["event"]
+            problem = describe_handshake_failure(event, self.key)
+            if problem is not None and problem != self.handshake_problem:
+                self.handshake_problem = problem
+                logger.error("worker %s: %s", self.name, problem)
+        if self.welcomed:
+            # A retry reported here predates the WELCOME; a closed
+            # connection ends the session, whenever it closed.
+            if events & zmq.EVENT_DISCONNECTED:
+                return self._lose_broker("its connection closed")
+            return True
+        if not events:
+            return True
+        if self.search is not None and self.search.connection_failed(time.monotonic()):
+            logger.info("worker %s: connection to %s refused or closed", self.name, self.address)
+            self._close_socket()
+        return True
+
+    def _check_silence(self) -> bool:
+        """Lose a broker silent for LIVENESS heartbeats; False if we must exit."""
+        silent = time.monotonic() - self.last_heard
+        if self.welcomed and silent > LIVENESS * self.heartbeat:
+            return self._lose_broker(f"silent for {silent:.1f} s")
+        return True
+
+    def _lose_broker(self, reason: str) -> bool:
+        """Our broker is gone: abandon its work and look for another; False
+        if there is none to look for (we exit)."""
+        self._lost_name = f"{self.broker_name or '?'} at {self.address}"
+        abandoned = self._abandon_session()
+        self._close_socket()
+        self.welcomed = False
+        now = self.lost_at = time.monotonic()
+        others = candidates(
+            [self.address, *([self.broker_task] if self.broker_task else [])],
+            self.peers, self.fallbacks, os.getpid(),
+        )
+        if not others:
+            self.broker_lost = True
+            self.failure = f"broker {self._lost_name} lost ({reason}), and no other broker is known"
+            logger.error("worker %s: %s; exiting", self.name, self.failure)
+            return False
+        logger.warning(
+            "worker %s: broker %s lost (%s); abandoned %s; trying %s",
+            self.name, self._lost_name, reason, _count(abandoned, "task"),
+            _count(len(others), "other broker"),
+        )
+        self.search = BrokerSearch(others, now, self._rejoin_timeout(), LIVENESS * self.heartbeat)
+        return self._step_search(now)
+
+    def _rejoin_timeout(self) -> float:
+        return REJOIN_TIMEOUT if self.connect_timeout is None else self.connect_timeout
+
+    def _abandon_session(self) -> int:
+        """Drop everything of the lost broker's session; how many tasks.
+
+        Its task ids mean nothing to another broker, and the origins of its
+        tasks run them again elsewhere (or have failed them), so: queued
+        tasks are dropped, started ones ended (GreenletExit where they wait),
+        and results, submissions and cancellations not yet sent are
+        discarded. The futures of nested tasks sent through it fail with
+        FederationLost. What the process has loaded (functions,
+        initializers, ``__main__`` globals) stays.
+        """
+        self.session += 1  # from here on, a task of the old session sends nothing
+        glets, self._task_glets = self._task_glets, set()
+        abandoned = len(self.queue) + len(glets)
+        self.queue.clear()
+        self.hub.ready.clear()
+        for glet in glets:
+            if glet:  # started, and waiting in a park: end it there
+                glet.throw(greenlet.GreenletExit)
+        self.running = 0
+        pending, self.pending = self.pending, {}
+        lost = FederationLost(f"the broker at {self.address} was lost")
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(lost)
+        self.hub.ready.clear()  # wake-ups of the greenlets ended above
+        self._cancel_waits = []
+        self._results, self._submits, self._submit_blobs, self._cancels = [], [], {}, []
+        self._sent_blobs = set()  # the next broker has none of our blobs
+        self.outstanding = 0
+        return abandoned
 
     # -- input ------------------------------------------------------------------
 
@@ -259,24 +469,40 @@ class Worker:
                 p.dispatch(frames, self._handlers, "a worker")
             except RemoteProtocolError as exc:
                 logger.warning("worker %s dropped a message: %s", self.name, exc)
-            if self.stopping:
+            if self.stopping or self._refused:
                 return
 
-    def _stop_watching(self) -> None:
-        """Joined (or leaving): the handshake has no more to tell."""
-        if self.handshake is not None:
-            if self._poller is not None:
-                self._poller.unregister(self.handshake.monitor)
-            self.handshake.close()
-            self.handshake = None
-
     def _on_welcome(self, message: p.Welcome) -> None:
+        self.peers = message.peers
+        if self.welcomed:  # the broker's list of peers changed
+            logger.info("worker %s: broker %s names other brokers: %s", self.name,
+                        self.broker_name, " ".join(self.peers) or "none")
+            return
         self.welcomed = True
-        self._stop_watching()
-        logger.debug("worker %s joined broker %s", self.name, message.meta.get("broker"))
+        self.broker_name = str(message.meta.get("broker", "?"))[:200]
+        task = message.meta.get("task")
+        self.broker_task = task if p.is_endpoint(task) else None
+        search, self.search = self.search, None
+        if self.lost_at is not None:
+            logger.warning(
+                "worker %s: joined broker %s at %s, %.2f s after losing %s", self.name,
+                self.broker_name, self.address, time.monotonic() - self.lost_at, self._lost_name,
+            )
+        elif search is not None and search.tried[0] != self.address:
+            logger.warning("worker %s: joined broker %s at %s (no answer at %s)", self.name,
+                           self.broker_name, self.address, " ".join(search.tried[:-1]))
+        else:
+            logger.info("worker %s: joined broker %s at %s", self.name, self.broker_name,
+                        self.address)
 
     def _on_refuse(self, message: p.Refuse) -> None:
+        if self.search is not None and not self.search.single:
+            self._refused = True  # the serve loop tries the next broker
+            logger.warning("worker %s: broker at %s refused us: %s", self.name, self.address,
+                           message.reason)
+            return
         logger.error("worker %s: broker refused us: %s", self.name, message.reason)
+        self.failure = f"the broker at {self.address} refused us: {message.reason}"
         self.stopping = True
 
     def _on_shutdown(self, message: p.Shutdown) -> None:
@@ -327,14 +553,19 @@ class Worker:
             self._send(p.Started(announce))
         for record in batch:
             self.running += 1
-            self.hub.spawn(self._run_task, record, record)
+            self._task_glets.add(self.hub.spawn(self._run_task, record, record))
 
     def _run_task(self, record: p.TaskRecord) -> None:
+        session = self.session
         started = time.perf_counter()
         try:
             status, frames = self._call(record)
         finally:
-            self.running -= 1
+            if session == self.session:
+                self.running -= 1
+                self._task_glets.discard(greenlet.getcurrent())
+        if session != self.session:
+            return  # its broker was lost: its result can go nowhere
         elapsed = time.perf_counter() - started
         self.ewma = elapsed if self.ewma is None else 0.8 * self.ewma + 0.2 * elapsed
         previous = self.durations.get(record.fn)
@@ -445,6 +676,8 @@ class Worker:
         self.last_sent = time.monotonic()
 
     def _flush(self) -> None:
+        if self.sock is None:
+            return  # between two brokers
         if time.monotonic() - self.last_sent >= self.heartbeat:
             self._send(p.Heartbeat())
         if self._submits:

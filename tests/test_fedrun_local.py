@@ -261,3 +261,82 @@ def test_a_worker_that_dies_fails_its_task_with_how_it_ended(tmp_path):
     print(f"to WorkerLost: {killed['seconds']:.3f} s from SIGKILL,"
           f" {exited['seconds']:.3f} s from exit")
     assert wait_gone([int(pid) for _, pid in started], GUARD) == []
+
+
+KEY_PROGRAM = """\
+import os, stat
+from futurefed import FederatedExecutor
+from futurefed.security import FederationKey
+
+def key_file_seen_by_worker(_):
+    path = os.environ["FUTUREFED_KEY_FILE"]
+    return path, stat.S_IMODE(os.stat(path).st_mode), FederationKey.load(path).secret.decode()
+
+path = os.environ["FUTUREFED_KEY_FILE"]
+secret = FederationKey.load(path).secret.decode()
+with FederatedExecutor() as executor:
+    seen = executor.submit(key_file_seen_by_worker, 0).result()
+    # nobody's command line or environment carries the secret itself
+    leaks = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        for what in ("cmdline", "environ"):
+            try:
+                with open(f"/proc/{pid}/{what}", "rb") as f:
+                    if secret.encode() in f.read():
+                        leaks.append(f"{pid}/{what}")
+            except OSError:
+                pass
+print("origin", path, oct(stat.S_IMODE(os.stat(path).st_mode)), oct(stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode)))
+print("worker", seen[0], oct(seen[1]), seen[2] == secret)
+print("leaks", leaks)
+"""
+
+
+def test_the_run_key_reaches_every_process_privately_and_goes_away(tmp_path):
+    result = subprocess.run(fedrun(["-N", "1"], KEY_PROGRAM, tmp_path), capture_output=True,
+                            text=True, timeout=GUARD)
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+    origin_path, origin_mode, origin_dir_mode = lines["origin"].split()
+    worker_path, worker_mode, same_secret = lines["worker"].split()
+    assert (origin_mode, origin_dir_mode) == ("0o600", "0o700")
+    assert worker_mode == "0o600" and same_secret == "True"
+    assert lines["leaks"] == "[]"
+    # the brokers bound beyond loopback (fedrun's default) with the key, no warning
+    assert "insecure" not in result.stderr and "refusing" not in result.stderr
+    # both copies of the key went with the run
+    assert not os.path.exists(origin_path) and not os.path.exists(worker_path)
+    assert not os.path.exists(os.path.dirname(worker_path))
+
+
+def test_fedrun_key_file_lets_a_hand_started_process_in(tmp_path):
+    key = tmp_path / "lab.key"
+    made = subprocess.run(command("fedkeys") + [str(key)], capture_output=True, text=True, timeout=GUARD)
+    assert made.returncode == 0, made.stderr
+    public = made.stdout.split()[-1]
+    program = KEY_PROGRAM + "print('public', FederationKey.load(path).public.decode())\n"
+    result = subprocess.run(fedrun(["-N", "1", "--key-file", str(key)], program, tmp_path),
+                            capture_output=True, text=True, timeout=GUARD)
+    assert result.returncode == 0, result.stderr
+    assert f"public {public}" in result.stdout.splitlines()
+    assert key.exists()  # the user's own file stays
+    bad = subprocess.run(fedrun(["-N", "1", "--key-file", str(tmp_path / "none")], program, tmp_path),
+                         capture_output=True, text=True, timeout=GUARD)
+    assert bad.returncode == 2 and "--key-file=" in bad.stderr and "none" in bad.stderr
+
+
+def test_every_option_with_a_value_is_known_to_the_argv_split():
+    """split_argv must skip an option's value, or it takes it for the program."""
+    import argparse
+
+    from futurefed.launch.__main__ import _LIST_OPTIONS, _VALUE_OPTIONS, parser
+
+    takes_value = {
+        option
+        for action in parser()._actions
+        if not isinstance(action, (argparse._StoreConstAction, argparse._CountAction,
+                                   argparse._HelpAction, argparse._VersionAction))
+        and action.nargs != 0
+        for option in action.option_strings
+    }
+    assert takes_value - {"-m", "--module"} == _VALUE_OPTIONS | _LIST_OPTIONS

@@ -215,7 +215,7 @@ def build(args: argparse.Namespace) -> Tuple[List[Channel], List[hostlist.Host],
 _VALUE_OPTIONS = {
     "--hostfile", "-N", "-n", "--workers", "--launcher", "--python-interpreter", "--path",
     "--prolog", "--env", "--nice", "--external-hostname", "--broker-port", "--ssh-config",
-    "--known-hosts", "-i", "--identity", "--connect-timeout", "--log-dir",
+    "--known-hosts", "-i", "--identity", "--connect-timeout", "--log-dir", "--key-file",
 }
 _LIST_OPTIONS = {"--hosts", "--pythonpath"}
 

@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -122,6 +123,88 @@ def make_federated(workers: int) -> Executor:
     return federated_executor_class()(max_workers=workers)
 
 
+class KeyedLoopbackExecutor(Executor):
+    """futurefed joined over TCP loopback to a broker and workers started as
+    ``fedbroker``/``fedworker`` with a federation key: every byte is then
+    CurveZMQ-encrypted. Next to "fed" (the embedded federation: ipc sockets
+    in a private directory, no encryption) it shows what CurveZMQ costs."""
+
+    READY_TIMEOUT_S = 60.0
+
+    def __init__(self, workers: int) -> None:
+        federated_executor_class()  # futurefed importable, or ExecutorUnavailable
+        from futurefed.security import KEY_FILE_VARIABLE, FederationKey, KeyFile
+
+        self._key_file = KeyFile(FederationKey.generate())
+        env = {
+            **os.environ, KEY_FILE_VARIABLE: self._key_file.path,
+            "PYTHONPATH": os.pathsep.join(path or os.getcwd() for path in sys.path),
+        }
+        lifeline_r, self._lifeline_w = os.pipe()
+        ready_r, ready_w = os.pipe()
+        self._processes: list[subprocess.Popen[bytes]] = []
+        try:
+            self._processes.append(subprocess.Popen(
+                [sys.executable, "-m", "futurefed.broker", "--address", "tcp://127.0.0.1:0",
+                 "--name", "curve", "--lifeline", str(lifeline_r), "--ready-fd", str(ready_w)],
+                pass_fds=(lifeline_r, ready_w), env=env,
+            ))
+            os.close(ready_w)
+            with os.fdopen(ready_r, "rb") as ready:
+                line = ready.readline()  # the broker writes it once bound, or dies
+            if not line:
+                raise ExecutorUnavailable("the keyed broker exited before it was ready")
+            address = json.loads(line)["task"]
+            for index in range(workers):
+                self._processes.append(subprocess.Popen(
+                    [sys.executable, "-m", "futurefed.worker", "--address", address,
+                     "--name", f"curve.w{index}", "--lifeline", str(lifeline_r)],
+                    pass_fds=(lifeline_r,), env={**env, "IS_ORIGIN": "0"},
+                ))
+            os.close(lifeline_r)
+            previous = os.environ.get(KEY_FILE_VARIABLE)
+            os.environ[KEY_FILE_VARIABLE] = self._key_file.path  # read once, by the constructor
+            try:
+                self._executor = federated_executor_class()(address=address)
+            finally:
+                if previous is None:
+                    del os.environ[KEY_FILE_VARIABLE]
+                else:
+                    os.environ[KEY_FILE_VARIABLE] = previous
+        except BaseException:
+            self._stop()
+            raise
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        return self._executor.submit(fn, *args, **kwargs)
+
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
+            chunksize: int = 1) -> Any:
+        return self._executor.map(fn, *iterables, timeout=timeout, chunksize=chunksize)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        executor = getattr(self, "_executor", None)
+        if executor is not None:
+            executor.shutdown(wait=wait, cancel_futures=cancel_futures)
+        self._stop()
+
+    def _stop(self) -> None:
+        if self._lifeline_w != -1:
+            os.close(self._lifeline_w)  # every process reads end-of-file and exits
+            self._lifeline_w = -1
+        for process in self._processes:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self._key_file.close()
+
+
+def make_keyed_loopback(workers: int) -> Executor:
+    return KeyedLoopbackExecutor(workers)
+
+
 def make_process_pool(workers: int) -> Executor:
     return ProcessPoolExecutor(max_workers=workers)
 
@@ -142,12 +225,13 @@ EXECUTOR_KINDS: dict[str, ExecutorKind] = {
     for kind in (
         ExecutorKind("fed", "futurefed", make_federated),
         ExecutorKind("ppe", "ProcessPoolExecutor", make_process_pool),
+        ExecutorKind("fedcurve", "futurefed+CurveZMQ", make_keyed_loopback),
         ExecutorKind("thread", "ThreadPoolExecutor", make_thread_pool),
     )
 }
 # ProcessPoolExecutor forks its workers (Linux default) on first use; create and
 # warm it before futurefed starts its threads and sockets in this process.
-CREATION_ORDER = ("ppe", "thread", "fed")
+CREATION_ORDER = ("ppe", "thread", "fed", "fedcurve")
 DEFAULT_EXECUTORS = ("fed", "ppe")
 
 
@@ -784,7 +868,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=comma_list(list(EXECUTOR_KINDS)),
         default=list(DEFAULT_EXECUTORS),
         metavar="NAME[,NAME]",
-        help="executors to compare: fed, ppe, thread (default: fed,ppe)",
+        help="executors to compare: fed, ppe, thread, fedcurve (futurefed joined over TCP with a key, i.e. CurveZMQ) (default: fed,ppe)",
     )
     parser.add_argument("--json", type=Path, metavar="PATH", help="write raw samples and medians")
     parser.add_argument(

@@ -113,11 +113,12 @@ class Hub:
         if _hub is self:
             _hub = None
 
-    def spawn(self, fn: Callable[..., Any], context: Any, *args: Any) -> None:
-        """Schedule ``fn(*args)`` in a new task greenlet."""
+    def spawn(self, fn: Callable[..., Any], context: Any, *args: Any) -> "TaskGreenlet":
+        """Schedule ``fn(*args)`` in a new task greenlet, and return it."""
         glet = TaskGreenlet(fn, parent=self.glet)
         glet.context = context
         self.ready.append((glet, args))
+        return glet
 
     def in_task(self) -> bool:
         """True when called from a task greenlet of this hub (not from the
@@ -218,6 +219,8 @@ class GreenFuture(TaskFuture):
     def __init__(self, task_id: int, canceller: Canceller) -> None:
         super().__init__(task_id, canceller)
         self._waiters = _GreenWaiterList()
+        #: the broker id of the task (on this worker) that submitted it
+        self.parent: Optional[int] = None
 
     def _park_until_done(self, timeout: Optional[float]) -> None:
         hub = _hub

@@ -343,8 +343,10 @@ class Worker:
             glet = self.hub.spawn(self._run_task, record, record)
             # announced as started: a KILL from now on stops it
             self._active[record.task_id] = RunningTask(record, glet)
-        if was_idle:
-            self._watch.set()  # the watchdog watches closely while tasks run
+        if was_idle and announce:
+            # the watchdog watches closely while tasks run; quick ones (not
+            # announced either) are over before it would look
+            self._watch.set()
 
     def _run_task(self, record: p.TaskRecord) -> None:
         task = self._active[record.task_id]

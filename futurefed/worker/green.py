@@ -100,6 +100,10 @@ class Hub:
         self.ready: Deque[Tuple[greenlet.greenlet, Any]] = deque()
         self.parked = 0
         self.owner: Any = None  # the Worker this hub schedules for
+        #: When the task greenlet running now was switched into (None: the
+        #: hub runs). Read by the worker's watchdog thread: a task that holds
+        #: the hub for long cannot be stopped in place.
+        self.task_since: Optional[float] = None
         self._timers: List[Tuple[float, int, _Timer]] = []
         self._seq = itertools.count()
 
@@ -160,12 +164,26 @@ class Hub:
     def run_ready(self) -> None:
         """Run every ready greenlet until it finishes or parks."""
         ready = self.ready
-        while ready:
-            glet, value = ready.popleft()
-            if isinstance(value, tuple):
-                glet.switch(*value)
-            else:
-                glet.switch(value)
+        clock = self.clock
+        try:
+            while ready:
+                glet, value = ready.popleft()
+                self.task_since = clock()
+                if isinstance(value, tuple):
+                    glet.switch(*value)
+                else:
+                    glet.switch(value)
+        finally:
+            self.task_since = None
+
+    def throw(self, glet: greenlet.greenlet, error: BaseException) -> None:
+        """Raise ``error`` in a suspended task greenlet and run it until it
+        ends or parks again."""
+        self.task_since = self.clock()
+        try:
+            glet.throw(error)
+        finally:
+            self.task_since = None
 
 
 class GreenEvent:

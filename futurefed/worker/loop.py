@@ -135,7 +135,6 @@ class Worker:
         self._active: Dict[int, RunningTask] = {}  # broker id -> started, not finished
         self._to_stop: List[RunningTask] = []  # killed; stopped once the socket is free
         self._inbox: Deque[List[Any]] = deque()  # read by the watchdog for the hub
-        self._busy_since: Optional[float] = None  # the hub entered task code then
         self.stopper = TaskStopper(self)
         self.token = secrets.randbits(62)  # this incarnation, in its nested tasks' options
         self.argv = list(argv) if argv is not None else replacement_argv()
@@ -231,6 +230,7 @@ class Worker:
                 received = bool(self._inbox) or self.sock in events
                 if received:
                     self._drain()
+                self.stopper.unresolved.clear()  # the KILLs it read are handled now
             if self._to_stop:
                 self.stopper.stop_killed()
             if self.lifeline is not None and self.lifeline in events:
@@ -246,10 +246,7 @@ class Worker:
                 return
             self.hub.run_timers()
             self._start_tasks()
-            if self.hub.ready:
-                self._busy_since = time.monotonic()
-                self.hub.run_ready()
-                self._busy_since = None
+            self.hub.run_ready()
 
     # -- input ------------------------------------------------------------------
 
@@ -332,7 +329,10 @@ class Worker:
         batch = []
         planned = 0.0
         while queue and planned < START_BATCH_SECONDS:
-            record = queue.popitem(last=False)[1]
+            try:
+                record = queue.popitem(last=False)[1]
+            except KeyError:  # the watchdog just dropped the last one (a KILL)
+                break
             batch.append(record)
             planned += durations.get(record.fn, START_BATCH_SECONDS)
         was_idle = not self._active

@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 #: While tasks run, the watchdog looks this often; it is also how late a
 #: time limit may be noticed when a task holds the worker.
 WATCH_TICK = 0.05
-#: The hub has been inside task code this long: the watchdog reads for it.
+#: One task greenlet has held the hub this long: the watchdog reads for it.
 BUSY_AFTER = 0.05
 #: A parked task that was stopped in place but does not end (it caught the
 #: GreenletExit and waits on, or computes) gets this long before the worker
@@ -157,7 +157,7 @@ class Watchdog(threading.Thread):
             if worker._closed.is_set():
                 return
             self._heartbeat()
-            since = worker._busy_since
+            since = worker.hub.task_since
             if since is None or time.monotonic() - since < BUSY_AFTER:
                 continue  # the hub reads, and keeps time, itself
             worker.stopper.read_while_busy(WATCH_TICK)
@@ -166,7 +166,7 @@ class Watchdog(threading.Thread):
                 task for task in list(worker._active.values())
                 if task.deadline is not None and task.deadline <= now
             ]
-            if late and worker._busy_since is not None:
+            if late and worker.hub.task_since is not None:
                 worker.stopper.replace(late)
 
     def _interval(self) -> float:
@@ -241,6 +241,10 @@ class TaskStopper:
     def __init__(self, worker: "Worker") -> None:
         self.worker = worker
         self._replacing = threading.Lock()
+        #: ids of KILLs the watchdog read for tasks it found neither queued
+        #: nor started (the hub was starting them): looked for again while
+        #: the hub is busy, until the hub handles those KILLs itself
+        self.unresolved: Set[int] = set()
 
     # -- the hub's side --------------------------------------------------------------
 
@@ -292,11 +296,7 @@ class TaskStopper:
             task.timer.cancelled = True
         task.deadline = time.monotonic() + STOP_GRACE
         task.timer = w.hub.call_later(STOP_GRACE, lambda: self.expire(task))
-        w._busy_since = time.monotonic()
-        try:
-            glet.throw(greenlet.GreenletExit)
-        finally:
-            w._busy_since = None
+        w.hub.throw(glet, greenlet.GreenletExit())
 
     def decide(self, task: RunningTask, killed: bool, replaced: bool) -> p.ResultRecord:
         """Settle how ``task`` ends: CANCELLED if killed, else TaskTimeout."""
@@ -317,9 +317,9 @@ class TaskStopper:
         if not w._sock_lock.acquire(timeout=timeout):
             return
         try:
-            if w._busy_since is None or w.sock is None:
+            if w.hub.task_since is None or w.sock is None:
                 return  # the hub is back: it reads for itself
-            kills: List[int] = []
+            kills: List[int] = list(self.unresolved)
             for frames in drain(w.sock, MAX_DRAIN):
                 w.last_heard = time.monotonic()
                 w._inbox.append(frames)
@@ -337,11 +337,14 @@ class TaskStopper:
         dropped: List[p.ResultRecord] = []
         stop: List[RunningTask] = []
         for task_id in task_ids:
+            self.unresolved.discard(task_id)
             if w.queue.pop(task_id, None) is not None:
                 dropped.append(p.ResultRecord(task_id, p.Status.CANCELLED, []))
                 continue
             task = w._active.get(task_id)
-            if task is not None and task.outcome is None:
+            if task is None:
+                self.unresolved.add(task_id)  # finished, unknown, or being started
+            elif task.outcome is None:
                 stop.append(task)
         if stop:
             self.replace(stop, killed=True, answered=dropped)

@@ -19,28 +19,31 @@ from .errors import (
     InitializerFailed,
     RemoteTraceback,
     SerializationError,
+    TaskTimeout,
     WorkerLost,
 )
 
 if TYPE_CHECKING:
-    from .executor import FederatedExecutor
+    from .executor import ExecutorView, FederatedExecutor
 
 __all__ = [
     "BrokenFederation",
+    "ExecutorView",
     "FederatedExecutor",
     "FederationLost",
     "FutureFedError",
     "InitializerFailed",
     "RemoteTraceback",
     "SerializationError",
+    "TaskTimeout",
     "WorkerLost",
     "__version__",
 ]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "FederatedExecutor":
-        from .executor import FederatedExecutor
+    if name in ("FederatedExecutor", "ExecutorView"):
+        from . import executor
 
-        return FederatedExecutor
+        return getattr(executor, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -118,27 +118,31 @@ class Agent(threading.Thread):
         self._wake()
         return future
 
-    def cancel_futures(self, fs: Sequence[TaskFuture]) -> None:
+    def cancel_futures(self, fs: Sequence[TaskFuture], force: bool = False) -> None:
         """Ask the broker to cancel ``fs`` and wait until it has answered for
-        each (see ``_future.py``); the agent thread itself cannot wait."""
+        each (see ``_future.py``); the agent thread itself cannot wait. With
+        ``force`` (KILL), wait until each is done: stopped, or finished."""
         ids = [future._futurefed_id for future in fs]
         if threading.current_thread() is self:
-            self._commands.append((_CANCEL, ids))
+            self._commands.append((_CANCEL, ids, force))
             return
+        if force:
+            def answered() -> bool:
+                return self._ended or all(future.done() for future in fs)
+        else:
+            def answered() -> bool:
+                return self._ended or not any(future.undecided() for future in fs)
         with self._cancel_answered:
             self._cancel_waiters += 1
         try:
-            self._commands.append((_CANCEL, ids))
+            self._commands.append((_CANCEL, ids, force))
             self._wake()
             with self._cancel_answered:
-                answered = self._cancel_answered.wait_for(
-                    lambda: self._ended or not any(future.undecided() for future in fs),
-                    CANCEL_TIMEOUT,
-                )
+                answered_in_time = self._cancel_answered.wait_for(answered, CANCEL_TIMEOUT)
         finally:
             with self._cancel_answered:
                 self._cancel_waiters -= 1
-        if not answered:
+        if not answered_in_time:
             logger.warning(
                 "no answer from the broker at %s to a cancellation within %.0f s;"
                 " the tasks may still run", self.address, CANCEL_TIMEOUT,
@@ -239,6 +243,7 @@ class Agent(threading.Thread):
         submits: List[p.TaskRecord] = []
         blobs: Dict[bytes, Any] = {}
         cancels: List[int] = []
+        kills: List[int] = []
         commands = self._commands
         while commands:
             command = commands.popleft()
@@ -255,10 +260,15 @@ class Agent(threading.Thread):
                         blobs[digest] = blob
                 submits.append(p.TaskRecord(task_id, fn[0], init[0], frames))
             elif kind == _CANCEL:
+                _, ids, force = command
                 pending = self.pending
-                for task_id in command[1]:
+                for task_id in ids:
                     future = pending.get(task_id)
-                    if future is not None and future.undecided():
+                    if future is None:
+                        continue  # settled: its result came first
+                    if force:
+                        kills.append(task_id)
+                    elif future.undecided():
                         cancels.append(task_id)
             else:
                 self._stopping = True
@@ -266,6 +276,8 @@ class Agent(threading.Thread):
             self._send(p.Submit(submits, blobs))
         if cancels:
             self._send(p.Cancel(cancels))
+        if kills:
+            self._send(p.Kill(kills))
 
     def _drain(self) -> None:
         for frames in drain(self._dealer, MAX_DRAIN):

@@ -14,6 +14,10 @@ asks: it sends CANCEL and waits for the broker's answer, which is one of
 
 A future is never cancelled on the origin's word alone, so a cancelled
 future's task never runs.
+
+``cancel(force=True)`` also stops a task that is running: it sends KILL and
+waits until the future is done, CANCELLED once the broker (or the worker that
+stopped the task) confirms, or FINISHED if the result came first.
 """
 
 from __future__ import annotations
@@ -31,9 +35,9 @@ CANCEL_TIMEOUT = 10.0
 class Canceller(Protocol):
     """What sends a task's CANCEL: the origin's agent or a worker."""
 
-    def cancel_futures(self, fs: Sequence["TaskFuture"]) -> None:
-        """Ask the broker to cancel ``fs``; wait for its answer if the caller
-        can wait."""
+    def cancel_futures(self, fs: Sequence["TaskFuture"], force: bool = False) -> None:
+        """Ask the broker to cancel ``fs`` (with ``force``, to stop them even
+        if running); wait for its answer if the caller can wait."""
 
 
 class TaskFuture(futures.Future):  # type: ignore[type-arg]
@@ -44,14 +48,25 @@ class TaskFuture(futures.Future):  # type: ignore[type-arg]
         self._futurefed_id = task_id
         self._canceller = canceller
 
-    def cancel(self) -> bool:
+    def cancel(self, *, force: bool = False) -> bool:
         """Cancel the task if no worker has it yet; True if it is cancelled.
 
         Waits for one round trip to the broker (not for the worker). Called
         where waiting is impossible (a done-callback run by the thread that
         receives results), it only sends the request and returns False.
+
+        With ``force=True`` a task that has started is stopped too: its
+        worker drops it, stops it in place if it is parked waiting on
+        futures, or else replaces itself (docs/architecture.md §4.5). This
+        waits until the task is stopped or has finished, at most
+        :data:`CANCEL_TIMEOUT`; True if the future is then cancelled, False
+        if it finished (or no answer came). A task that submitted tasks has
+        those stopped as well.
         """
-        if self.undecided():
+        if force:
+            if not self.done():
+                self._canceller.cancel_futures([self], force=True)
+        elif self.undecided():
             self._canceller.cancel_futures([self])
         return self.cancelled()
 
@@ -61,24 +76,35 @@ class TaskFuture(futures.Future):  # type: ignore[type-arg]
             return self._state == futures._base.PENDING  # type: ignore[attr-defined]
 
     def confirm_cancel(self) -> None:
-        """The broker dropped the task: cancel and notify, as the stdlib
-        executors do with what they drop, so that ``wait()`` counts it done."""
-        futures.Future.cancel(self)
-        self.set_running_or_notify_cancel()
+        """The task was dropped or stopped: cancel and notify, as the stdlib
+        executors do with what they drop, so that ``wait()`` counts it done.
+        A forced cancel may stop a task whose future is RUNNING already,
+        which ``Future.cancel()`` refuses; the state is set here instead."""
+        base = futures._base  # type: ignore[attr-defined]
+        with self._condition:
+            if self._state in (base.FINISHED, base.CANCELLED_AND_NOTIFIED):
+                return
+            called_back = self._state == base.CANCELLED
+            self._state = base.CANCELLED_AND_NOTIFIED
+            for waiter in self._waiters:
+                waiter.add_cancelled(self)
+            self._condition.notify_all()
+        if not called_back:
+            self._invoke_callbacks()  # type: ignore[attr-defined]
 
 
-def cancel_all(fs: Iterable["futures.Future[Any]"]) -> None:
+def cancel_all(fs: Iterable["futures.Future[Any]"], *, force: bool = False) -> None:
     """Cancel many futures with one request per canceller (not one round
-    trip each)."""
+    trip each); ``force`` as for :meth:`TaskFuture.cancel`."""
     groups: Dict[int, List[TaskFuture]] = {}
     cancellers: Dict[int, Canceller] = {}
     for future in fs:
         if isinstance(future, TaskFuture):
-            if future.undecided():
+            if not future.done() if force else future.undecided():
                 key = id(future._canceller)
                 cancellers[key] = future._canceller
                 groups.setdefault(key, []).append(future)
         else:
             future.cancel()
     for key, group in groups.items():
-        cancellers[key].cancel_futures(group)
+        cancellers[key].cancel_futures(group, force=force)

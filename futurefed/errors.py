@@ -11,6 +11,7 @@ Our exception hierarchy::
     │                                     an argument, result or exception that
     │                                     cannot cross the wire
     ├── WorkerLost                        a task's worker was lost each time it ran
+    ├── TaskTimeout (TimeoutError)        a task ran past its time limit and was stopped
     └── BrokenFederation (concurrent.futures.BrokenExecutor)
         ├── InitializerFailed             the executor's initializer raised in a worker
         └── FederationLost                the origin's broker went away
@@ -18,8 +19,8 @@ Our exception hierarchy::
     RemoteTraceback                       attached as ``__cause__`` of a task's
                                           exception; never raised on its own
 
-The stdlib bases let ``except concurrent.futures.BrokenExecutor`` and
-``except pickle.PicklingError`` catch ours. This module imports nothing from
+The stdlib bases let ``except concurrent.futures.BrokenExecutor``,
+``except TimeoutError`` and ``except pickle.PicklingError`` catch ours. This module imports nothing from
 futurefed so that every other module may import it.
 """
 
@@ -40,6 +41,7 @@ __all__ = [
     "RemoteProtocolError",
     "RemoteTraceback",
     "SerializationError",
+    "TaskTimeout",
     "WorkerLost",
 ]
 
@@ -107,6 +109,28 @@ class WorkerLost(FutureFedError):
         """The signal that killed the process, if one did (and it is known)."""
         status = self.exit_status
         return -status if status is not None and status < 0 else None
+
+
+# concurrent.futures.TimeoutError is the builtin TimeoutError from Python 3.11
+# on; before, it is a class of its own, and ``except`` of either should work.
+_TIMEOUT_BASES = tuple(dict.fromkeys((TimeoutError, concurrent.futures.TimeoutError)))
+
+
+class TaskTimeout(FutureFedError, *_TIMEOUT_BASES):  # type: ignore[misc]
+    """A task ran longer than its time limit (``task_timeout``, or
+    ``options(timeout=...)``) and was stopped; it is not run again.
+
+    The attributes say which task and where: ``function`` (its qualified
+    name), ``timeout`` (the limit, in seconds), ``host``, ``worker`` and
+    ``pid``. The remote traceback (``__cause__``) shows where the task was
+    when it was stopped.
+    """
+
+    def __init__(self, message: str, *, function: str = "?", timeout: Optional[float] = None,
+                 host: str = "?", worker: str = "?", pid: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.function, self.timeout = function, timeout
+        self.host, self.worker, self.pid = host, worker, pid
 
 
 class RemoteTraceback(Exception):

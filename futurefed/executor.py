@@ -28,19 +28,26 @@ What happens when ``submit(fn, *args)`` is called:
 Inside a worker, ``FederatedExecutor()`` talks through the worker's own
 connection instead and hands out GreenFutures: a task waiting on them parks
 and the worker runs other tasks meanwhile.
+
+Time limits: ``task_timeout=`` (every task of the executor) or
+``executor.options(timeout=...)`` (a view whose tasks have that limit) travel
+with each task; the worker stops a task that runs past its limit, and
+``future.cancel(force=True)`` stops one at once (docs/architecture.md §4.5).
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import math
+import numbers
 import os
 import threading
 import time
 import types
 import weakref
 from concurrent import futures
-from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple, Union
 
 from . import config, protocol, serialize
 from ._agent import Agent, BrokenState, watch_executor
@@ -49,10 +56,19 @@ from .errors import FederationLost
 from .outcome import chunk_results
 from .security import key_from_environ
 
-__all__ = ["FederatedExecutor"]
+__all__ = ["ExecutorView", "FederatedExecutor"]
 
 #: Seconds a FederatedExecutor joining a broker waits for its answer.
 CONNECT_TIMEOUT = 10.0
+
+class _Unset:
+    """The default of ``options(timeout=...)``: keep the limit as it is."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET = _Unset()
 
 _live_agents: "weakref.WeakSet[Agent]" = weakref.WeakSet()
 _exiting = False
@@ -90,6 +106,25 @@ class _WorkerTransport:
     def stop(self) -> None:
         pass  # the worker's connection outlives the executor
 
+    def options(self) -> Dict[str, Any]:
+        return self.worker.nested_options()  # type: ignore[no-any-return]
+
+
+def check_timeout(value: Any, name: str = "timeout") -> Optional[float]:
+    """``value`` as a time limit in seconds: a positive finite number, or
+    None for no limit; ValueError otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a positive number of seconds or None, not {value!r}")
+    try:
+        seconds = float(value)
+    except (OverflowError, ValueError):
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"{name} must be a positive finite number of seconds or None, not {value!r}")
+    return seconds
+
 
 def _chunks(iterable: Iterable[Any], size: int) -> Iterator[List[Any]]:
     iterator = iter(iterable)
@@ -120,9 +155,17 @@ class FederatedExecutor(futures.Executor):
         address: a broker's task socket to join instead. When joining, the
             key file named by ``FUTUREFED_KEY_FILE`` (if any) is the
             federation's key (docs/security.md).
+        task_timeout: a time limit, in seconds, for each task of this
+            executor, counted from when a worker starts it (not while it
+            waits in a queue). A task still running then is stopped (its
+            worker replaces itself if need be; docs/architecture.md §4.5)
+            and its future fails with :class:`~futurefed.errors.TaskTimeout`;
+            it is not run again. ``None``: no limit. :meth:`options` makes
+            views with other limits.
 
     Raises:
-        ValueError: ``max_workers`` is not positive.
+        ValueError: ``max_workers`` is not positive, or ``task_timeout`` is
+            not a positive finite number or None.
         ConfigError: ``address`` or the environment's ``BROKER_ADDRESS`` is
             malformed, or ``FUTUREFED_KEY_FILE`` names a missing, unreadable,
             malformed or group/world-readable file.
@@ -141,9 +184,11 @@ class FederatedExecutor(futures.Executor):
         initializer: Optional[Callable[..., Any]] = None,
         initargs: Tuple[Any, ...] = (),
         address: Optional[str] = None,
+        task_timeout: Optional[float] = None,
     ) -> None:
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
+        self._timeout = check_timeout(task_timeout, "task_timeout")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
         self._shared = BrokenState()
@@ -204,7 +249,9 @@ class FederatedExecutor(futures.Executor):
     # -- the Executor API ----------------------------------------------------------------
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future:  # type: ignore[type-arg]
-        """Schedule ``fn(*args, **kwargs)``; returns a Future.
+        """Schedule ``fn(*args, **kwargs)``; returns a Future. Every keyword
+        goes to ``fn`` (a time limit is set with ``task_timeout=`` or
+        :meth:`options`, never here).
 
         Raises:
             RuntimeError: after ``shutdown()``.
@@ -212,7 +259,7 @@ class FederatedExecutor(futures.Executor):
             SerializationError: ``fn`` or an argument cannot be pickled.
         """
         self._check_open()
-        return self._submit(fn, serialize.dumps((args, kwargs)))
+        return self._submit(fn, self._payload(args, kwargs, self._timeout))
 
     def map(
         self,
@@ -224,21 +271,57 @@ class FederatedExecutor(futures.Executor):
         """Like ``map(fn, *iterables)``, run concurrently.
 
         Results come in input order; a task's error is raised when the
-        iterator reaches its position. ``timeout`` counts from this call.
-        With ``chunksize > 1``, items travel and run in chunks of that size,
-        each chunk one message and one task.
+        iterator reaches its position. ``timeout`` counts from this call
+        (as in the stdlib; the time limit of each task is ``task_timeout``
+        or :meth:`options`). With ``chunksize > 1``, items travel and run in
+        chunks of that size, each chunk one message and one task; a time
+        limit then applies to each item.
         """
+        return self._map(fn, iterables, timeout, chunksize, self._timeout, None)
+
+    def options(self, *, timeout: Union[Optional[float], _Unset] = UNSET) -> "ExecutorView":
+        """A view of this executor whose ``submit`` and ``map`` give each task
+        the time limit ``timeout`` (seconds from when a worker starts it;
+        ``None``: no limit; left out: this executor's ``task_timeout``).
+
+        The view shares this executor's connection and workers; it is cheap
+        to make, one per call site if need be::
+
+            limited = executor.options(timeout=30)
+            future = limited.submit(fn, x, timeout=5)   # fn gets timeout=5
+
+        Raises:
+            ValueError: ``timeout`` is not a positive finite number or None.
+        """
+        limit = self._timeout if isinstance(timeout, _Unset) else check_timeout(timeout)
+        return ExecutorView(self, limit)
+
+    @property
+    def task_timeout(self) -> Optional[float]:
+        """This executor's time limit per task, in seconds (None: none)."""
+        return self._timeout
+
+    def _map(
+        self,
+        fn: Callable[..., Any],
+        iterables: Tuple[Iterable[Any], ...],
+        timeout: Optional[float],
+        chunksize: int,
+        task_timeout: Optional[float],
+        view: Optional["ExecutorView"],
+    ) -> Iterator[Any]:
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         end_time = None if timeout is None else timeout + time.monotonic()
+        self._check_open()
         if chunksize == 1:
-            fs = [self.submit(fn, *args) for args in zip(*iterables)]
+            calls: Iterable[Tuple[Any, Any]] = ((args, {}) for args in zip(*iterables))
         else:
-            self._check_open()
-            fs = [
-                self._submit(fn, serialize.dumps((chunk, None)))
-                for chunk in _chunks(zip(*iterables), chunksize)
-            ]
+            calls = ((chunk, None) for chunk in _chunks(zip(*iterables), chunksize))
+        fs = [
+            self._submit(fn, self._payload(args, kwargs, task_timeout), view)
+            for args, kwargs in calls
+        ]
         return self._results(fs, end_time, chunked=chunksize > 1)
 
     @staticmethod
@@ -297,16 +380,32 @@ class FederatedExecutor(futures.Executor):
         if self._shutdown or _exiting:
             raise RuntimeError("cannot schedule new futures after shutdown")
 
-    def _submit(self, fn: Callable[..., Any], frames: List[Any]) -> futures.Future:  # type: ignore[type-arg]
+    def _payload(self, args: Any, kwargs: Any, timeout: Optional[float]) -> List[Any]:
+        """The frames of one call: ``(args, kwargs)``, plus a dict of options
+        when there are any (docs/protocol.md §9)."""
+        options = self._transport.options() if isinstance(self._transport, _WorkerTransport) else {}
+        if timeout is not None:
+            options["timeout"] = timeout
+        return serialize.dumps((args, kwargs, options) if options else (args, kwargs))
+
+    def _submit(
+        self, fn: Callable[..., Any], frames: List[Any], view: Optional["ExecutorView"] = None
+    ) -> futures.Future:  # type: ignore[type-arg]
         if not callable(fn):
             raise TypeError(f"{type(fn).__name__!r} object is not callable")
         function = self._function(fn)
         with self._shared.lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
+            if view is not None and view._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown of this view")
             future = self._transport.submit(function, self._init, frames)
             self._pending.add(future)
+            if view is not None:
+                view._pending.add(future)
         future.add_done_callback(self._on_done)
+        if view is not None:
+            future.add_done_callback(view._pending.discard)
         return future
 
     def _on_done(self, future: "futures.Future[Any]") -> None:
@@ -323,3 +422,68 @@ class FederatedExecutor(futures.Executor):
             return cached
         return serialize.dump_function(fn)
 
+
+
+class ExecutorView(futures.Executor):
+    """``FederatedExecutor.options(...)``: an executor-like view whose tasks
+    have their own options (a time limit), submitted through the executor
+    it came from (same connection, workers, functions and initializer).
+
+    ``shutdown()`` of a view concerns only the view: no more submissions
+    through it; ``wait`` waits for the work submitted through it, and
+    ``cancel_futures`` cancels what of it has not started. The executor goes
+    on. A ``with`` block over a view therefore waits for that work.
+    """
+
+    def __init__(self, executor: FederatedExecutor, timeout: Optional[float]) -> None:
+        self._executor = executor
+        self._timeout = timeout
+        self._shutdown = False
+        self._pending: "Set[futures.Future[Any]]" = set()
+
+    @property
+    def timeout(self) -> Optional[float]:
+        """The time limit of this view's tasks, in seconds (None: none)."""
+        return self._timeout
+
+    @property
+    def executor(self) -> FederatedExecutor:
+        """The executor this view submits through."""
+        return self._executor
+
+    def __repr__(self) -> str:
+        return f"<ExecutorView of {self._executor!r}: timeout={self._timeout!r}>"
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future:  # type: ignore[type-arg]
+        """As :meth:`FederatedExecutor.submit`, with this view's options.
+
+        Raises:
+            RuntimeError: after ``shutdown()`` of this view or of its executor.
+        """
+        executor = self._executor
+        executor._check_open()
+        return executor._submit(fn, executor._payload(args, kwargs, self._timeout), self)
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: Optional[float] = None,
+        chunksize: int = 1,
+    ) -> Iterator[Any]:
+        """As :meth:`FederatedExecutor.map` (``timeout`` counts from this
+        call), with this view's time limit for each task."""
+        return self._executor._map(fn, iterables, timeout, chunksize, self._timeout, self)
+
+    def options(self, *, timeout: Union[Optional[float], _Unset] = UNSET) -> "ExecutorView":
+        """Another view of the same executor (left out: this view's limit)."""
+        limit = self._timeout if isinstance(timeout, _Unset) else check_timeout(timeout)
+        return ExecutorView(self._executor, limit)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop taking work through this view; see the class docstring."""
+        self._shutdown = True
+        if cancel_futures:
+            cancel_all(list(self._pending))
+        if wait:
+            futures.wait(list(self._pending))

@@ -36,11 +36,21 @@ def run_call(fn: Callable[..., Any], args: Any, kwargs: Optional[Dict[str, Any]]
     return fn(*args, **kwargs)
 
 
-def run_chunk(fn: Callable[..., Any], chunk: Iterable[Sequence[Any]]) -> ChunkResult:
+def run_chunk(
+    fn: Callable[..., Any],
+    chunk: Iterable[Sequence[Any]],
+    results: Optional[List[Any]] = None,
+    before_each: Optional[Callable[[], None]] = None,
+) -> ChunkResult:
     """Run ``fn`` over a chunk, stopping at the first item that raises so that
-    the origin can raise that error at that item's position."""
-    results: List[Any] = []
+    the origin can raise that error at that item's position. Results go to
+    ``results`` as they come (the worker reads them if it stops the chunk);
+    ``before_each`` is called before each item (it restarts a time limit)."""
+    if results is None:
+        results = []
     for args in chunk:
+        if before_each is not None:
+            before_each()
         try:
             results.append(fn(*args))
         except Exception as exc:

@@ -37,6 +37,7 @@ __all__ = [
     "Credit",
     "Heartbeat",
     "Hello",
+    "Kill",
     "Load",
     "Message",
     "Refuse",
@@ -105,6 +106,7 @@ class Command(enum.IntEnum):
     BYE = 11  # peer -> broker: leaving, forget me
     SHUTDOWN = 12  # broker -> worker: exit now
     LOAD = 13  # broker -> everyone, on the meta socket: my load and my peers
+    KILL = 14  # origin -> broker -> worker: stop these tasks, even if they are running
     WORKER_EXIT = 17  # supervisor -> broker: a worker process I started has ended
 
 
@@ -463,6 +465,17 @@ class Cancel(_IdList):
     """Drop these tasks if they have not started."""
 
     command = Command.CANCEL
+
+
+@_register
+@dataclass(frozen=True)
+class Kill(_IdList):
+    """Stop these tasks wherever they are: dropped if queued, stopped if
+    running (a worker stops a task that holds it by replacing itself).
+    Each is answered with a CANCELLED result, or with its real result if
+    that went out first."""
+
+    command = Command.KILL
 
 
 @_register

@@ -183,27 +183,38 @@ def dump_function(fn: Any) -> Tuple[bytes, bytes]:
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
-def remote_traceback_text(exc: BaseException) -> str:
+def remote_traceback_text(
+    exc: BaseException, stack: Optional[List[traceback.FrameSummary]] = None
+) -> str:
     """The traceback of ``exc`` framed and labelled with where it was raised;
-    futurefed's own frames above the task's first frame are left out."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
-        tb = tb.tb_next
-    lines = traceback.format_exception(type(exc), exc, tb or exc.__traceback__)
+    futurefed's own frames above the task's first frame are left out.
+    ``stack``, if given, stands for the traceback: where a task was when it
+    was stopped, for an error raised on its behalf (TaskTimeout)."""
+    if stack is not None:
+        while stack and stack[0].filename.startswith(_PACKAGE_DIR):
+            stack = stack[1:]
+        lines = ["Traceback (most recent call last):\n", *traceback.format_list(stack),
+                 *traceback.format_exception_only(type(exc), exc)]
+    else:
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+            tb = tb.tb_next
+        lines = traceback.format_exception(type(exc), exc, tb or exc.__traceback__)
     return f'\n"""\nRaised in {_process_label}:\n{"".join(lines)}"""'
 
 
-def dump_exception(exc: BaseException) -> List[Any]:
-    """Frames of a task's exception: the labelled traceback text, then the
-    pickled exception (or a SerializationError standing in for it)."""
-    text = remote_traceback_text(exc).encode("utf-8", errors="replace")
+def dump_exception(exc: BaseException, text: Optional[str] = None) -> List[Any]:
+    """Frames of a task's exception: the labelled traceback text (``text``,
+    else that of ``exc``), then the pickled exception (or a
+    SerializationError standing in for it)."""
+    label = (remote_traceback_text(exc) if text is None else text).encode("utf-8", errors="replace")
     try:
-        return [text, *dumps(exc)]
+        return [label, *dumps(exc)]
     except SerializationError as err:
         stand_in = SerializationError(
             f"the task raised {type(exc).__qualname__}({exc}), which cannot be pickled: {err}"
         )
-        return [text, *dumps(stand_in)]
+        return [label, *dumps(stand_in)]
 
 
 def load_exception(frames: Sequence[Any]) -> BaseException:

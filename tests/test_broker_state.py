@@ -542,6 +542,152 @@ def test_cancel_after_the_result_is_harmless(fed):
     assert fed.pump() == []
 
 
+# -- KILL (a forced cancel) -------------------------------------------------------------
+
+
+def cancelled(task_id):
+    return p.ResultRecord(task_id, p.Status.CANCELLED, [])
+
+
+def test_kill_of_a_queued_task_answers_at_once(fed):
+    fed.submit(b"o", [task(1), task(2)], BLOBS)
+    fed.send(b"o", p.Kill([2, 99]))  # 99: unknown, ignored
+    assert fed.pump() == [(b"o", p.Results([cancelled(2)]))]
+    fed.credit(b"w", 10)
+    assert [t.frames[0] for t in only(fed.pump(), b"w", p.Tasks).tasks] == [b"call-1"]
+
+
+def test_kill_of_a_dispatched_task_goes_to_its_worker(fed):
+    fed.submit(b"o", [task(1), task(2)], BLOBS)
+    bids = {t.frames[0]: t.task_id for t in dispatch(fed, b"w", 2)}
+    fed.send(b"w", p.Started([bids[b"call-2"]]))
+    fed.send(b"o", p.Kill([2]))
+    out = fed.pump()
+    assert only(out, b"w", p.Kill).ids == [bids[b"call-2"]]
+    assert only(out, b"o", p.Started).ids == [2]  # the STARTED that came first
+    fed.send(b"o", p.Kill([2]))  # asked again: nothing new
+    assert fed.pump() == []
+    fed.results(b"w", cancelled(bids[b"call-2"]))  # the worker stopped it
+    assert fed.pump() == [(b"o", p.Results([cancelled(2)]))]
+    assert fed.load()["running"] == 1 and fed.load()["done"] == 1
+
+
+def test_kill_crossed_by_the_result_delivers_the_result(fed):
+    fed.submit(b"o", [task(1)], BLOBS)
+    (t,) = dispatch(fed, b"w", 1)
+    fed.send(b"o", p.Kill([1]))
+    fed.results(b"w", ok(t.task_id))  # sent before the KILL arrived
+    out = fed.pump()
+    assert only(out, b"o", p.Results).results[0].status is p.Status.OK
+    fed.results(b"w", cancelled(t.task_id))  # the worker's answer to the KILL
+    assert fed.pump() == []
+
+
+def test_kill_after_the_result_is_harmless(fed):
+    fed.submit(b"o", [task(1)], BLOBS)
+    (t,) = dispatch(fed, b"w", 1)
+    fed.results(b"w", ok(t.task_id))
+    fed.pump()
+    fed.send(b"o", p.Kill([1]))
+    assert fed.pump() == []
+
+
+def test_kill_of_another_origins_task_is_ignored(fed):
+    fed.connect(b"o2", "origin")
+    fed.submit(b"o", [task(1)], BLOBS)
+    dispatch(fed, b"w", 1)
+    fed.send(b"o2", p.Kill([1]))
+    fed.send(b"w", p.Kill([1]))
+    assert fed.pump() == []
+
+
+@pytest.mark.parametrize("how", ["bye", "rehello"])
+def test_a_killed_task_whose_worker_leaves_is_answered_not_requeued(fed, how):
+    fed.connect(b"w2", "worker")
+    fed.submit(b"o", [task(1), task(2)], BLOBS)
+    bids = {t.frames[0]: t.task_id for t in dispatch(fed, b"w", 2)}
+    fed.send(b"o", p.Kill([1]))
+    fed.pump()
+    if how == "bye":
+        fed.send(b"w", p.Bye())
+    else:
+        fed.send(b"w", p.Hello({"role": "worker"}))
+    fed.credit(b"w2", 5)
+    out = fed.pump()
+    assert only(out, b"o", p.Results).results == [cancelled(1)]
+    assert [t.frames[0] for t in only(out, b"w2", p.Tasks).tasks] == [b"call-2"]  # innocent
+    assert all(t.attempts == 0 for t in fed.state.tasks.values())
+    assert bids
+
+
+def test_kill_of_a_revoked_task_stops_its_stale_copy_too(fed):
+    bids, _ = stranded(fed, started=1)
+    fed.tick(REVOKE_AFTER * 2)
+    (moved,) = only(fed.pump(), b"w2", p.Tasks).tasks  # call-1 moved to w2
+    fed.send(b"o", p.Kill([1]))
+    out = fed.pump()
+    assert only(out, b"w2", p.Kill).ids == [moved.task_id]
+    assert only(out, b"w", p.Kill).ids == [bids[b"call-1"]]  # in case it started there
+    fed.results(b"w", cancelled(bids[b"call-1"]))  # the stale copy: absorbed
+    assert fed.pump() == []
+    fed.results(b"w2", cancelled(moved.task_id))
+    assert fed.pump() == [(b"o", p.Results([cancelled(1)]))]
+
+
+def test_kill_of_a_revoked_and_requeued_task_answers_at_once(fed):
+    bids, _ = stranded(fed, started=1)
+    fed.send(b"w2", p.Credit(0))
+    fed.state.ready.clear()  # w2 takes nothing: call-1 waits in the queue after revocation
+    fed.tick(REVOKE_AFTER * 2)
+    fed.connect(b"w3", "worker")
+    fed.credit(b"w3", 1)
+    out = fed.pump()
+    (moved,) = only(out, b"w3", p.Tasks).tasks
+    fed.send(b"w3", p.Bye())  # call-1 is queued again, its stale copy still at w
+    fed.send(b"o", p.Kill([1]))
+    out = fed.pump()
+    assert only(out, b"o", p.Results).results == [cancelled(1)]
+    assert only(out, b"w", p.Kill).ids == [bids[b"call-1"]]
+    assert fed.load()["queued"] == 0
+
+
+def test_stranded_killed_task_is_not_revoked(fed):
+    bids, _ = stranded(fed, started=1)
+    fed.send(b"o", p.Kill([1, 2]))  # both wait behind call-0
+    out = fed.pump()
+    assert sorted(only(out, b"w", p.Kill).ids) == sorted([bids[b"call-1"], bids[b"call-2"]])
+    fed.tick(REVOKE_AFTER * 2)
+    assert to(fed.pump(), b"w2") == []
+
+
+def test_a_worker_kills_the_tasks_it_submitted(fed):
+    fed.connect(b"w2", "worker")
+    fed.submit(b"w", [task(5)], BLOBS)  # a nested task, w as its origin
+    (t,) = dispatch(fed, b"w2", 1)
+    fed.send(b"w", p.Kill([5]))
+    assert only(fed.pump(), b"w2", p.Kill).ids == [t.task_id]
+    fed.results(b"w2", cancelled(t.task_id))
+    assert fed.pump() == [(b"w", p.Results([cancelled(5)]))]
+
+
+def test_a_replaced_worker_answers_what_it_stopped_and_its_other_tasks_run_again(fed):
+    """A worker that stopped a task by replacing itself sends that task's
+    outcome, then BYE: its other tasks are requeued without an attempt."""
+    fed.submit(b"o", [task(1), task(2), task(3)], BLOBS)
+    bids = {t.frames[0]: t.task_id for t in dispatch(fed, b"w", 3)}
+    timeout = p.ResultRecord(bids[b"call-1"], p.Status.ERROR, [b"tb", b"TaskTimeout"])
+    fed.results(b"w", timeout, ok(bids[b"call-3"]))
+    fed.send(b"w", p.Bye())
+    fed.send(b"w-again", p.Hello({"role": "worker"}))  # its replacement, on a new connection
+    fed.credit(b"w-again", 5)
+    out = fed.pump()
+    assert [(r.task_id, r.status) for r in only(out, b"o", p.Results).results] == [
+        (1, p.Status.ERROR), (3, p.Status.OK)]
+    (again,) = only(out, b"w-again", p.Tasks).tasks
+    assert again.frames[0] == b"call-2"
+    assert fed.state.tasks[(b"o", 2)].attempts == 0
+
+
 # -- BYE -------------------------------------------------------------------------------
 
 
@@ -966,6 +1112,7 @@ HANDLED = {
     p.Command.RESULTS,
     p.Command.STARTED,
     p.Command.CANCEL,
+    p.Command.KILL,
     p.Command.BYE,
 }
 
@@ -990,6 +1137,7 @@ class Sub:
         self.cancel_asked = False  # its origin sent CANCEL and awaits the answer
         self.losses = 0  # times a worker died holding its live copy (at most: see worker_dies)
         self.last_exit = None  # (name, pid, status, signal) of the last such worker
+        self.kill_asked = False  # its origin sent KILL: it must end CANCELLED or crossed
 
 
 class WorkerSim:
@@ -1000,6 +1148,7 @@ class WorkerSim:
         self.given = set()  # every broker id this incarnation was given
         self.known = set()  # blobs received
         self.to_cancel = set()
+        self.to_kill = set()
         self.zombie = {}  # held at a previous incarnation's BYE / re-HELLO
         self.pid = None  # this incarnation's, as its HELLO gave it
 
@@ -1017,6 +1166,7 @@ class BrokerMachine(RuleBasedStateMachine):
 
     def __init__(self):
         super().__init__()
+        self.deaths = 0  # workers lost through a supervisor's notice
         self.now = 0.0
         self.state = BrokerState("fuzz", clock=lambda: self.now, heartbeat=NO_HEARTBEAT)
         self.next_pid = 100
@@ -1112,6 +1262,7 @@ class BrokerMachine(RuleBasedStateMachine):
             self.bids.add(t.task_id)
             key = bytes(t.frames[0])
             sub = self.by_key[key]
+            assert not sub.kill_asked, "dispatched a killed task"
             assert sub.sim is self.origins[sub.origin] and sub.sim.alive, "task of a departed origin"
             assert sub.sim.outstanding.get(sub.task_id) is sub, "dispatched a cancelled/answered task"
             assert not sub.rejected
@@ -1135,6 +1286,15 @@ class BrokerMachine(RuleBasedStateMachine):
             w.to_cancel.add(bid)
             self.revoked.append((ident, bid))
 
+    def got_Kill(self, ident, message):
+        w = self.workers[ident]
+        assert w.alive
+        assert set(message.ids) <= w.given, "KILL of a task this worker never had"
+        for bid in message.ids:
+            sub = w.held.get(bid)
+            assert sub is not None and sub.kill_asked, f"KILL of {bid}, which nobody killed"
+            w.to_kill.add(bid)
+
     def got_Started(self, ident, message):
         sim = self.live_origin(ident)
         assert sim is not None, f"STARTED to departed origin {ident}"
@@ -1153,8 +1313,9 @@ class BrokerMachine(RuleBasedStateMachine):
             assert sub is not None, f"unexpected or duplicate result for {record.task_id}"
             sub.answered = True
             if record.status is p.Status.CANCELLED:
-                assert sub.cancel_asked, f"{record.task_id} cancelled unasked"
-                assert not sub.handed_out, f"{record.task_id} cancelled after a worker had it"
+                if not sub.kill_asked:  # a plain CANCEL succeeds only while queued
+                    assert sub.cancel_asked, f"{record.task_id} cancelled unasked"
+                    assert not sub.handed_out, f"{record.task_id} cancelled after a worker had it"
             elif sub.rejected:
                 assert record.status is p.Status.REJECTED
                 assert len(record.frames) == 1
@@ -1223,6 +1384,9 @@ class BrokerMachine(RuleBasedStateMachine):
                 task = s.tasks[(ident, tid)]
                 assert not (task.cancelled or task.done)
                 where = self.location.get(bytes(sub.frames[0]))
+                if sub.kill_asked:  # unanswered: its worker has been told to stop it
+                    assert task.killed and where is not None, f"KILL of {tid} not answered"
+                    assert where[1] in self.workers[where[0]].to_kill, f"KILL of {tid} not passed on"
                 if task.worker is None:
                     assert sum(t is task for t in queued) == 1
                     assert where is None
@@ -1242,6 +1406,12 @@ class BrokerMachine(RuleBasedStateMachine):
     def counters_consistent(self):
         s = self.state
         assert s.queued == sum(1 for t in s.queue if not (t.cancelled or t.done))
+        # no peer is lost by silence here (no heartbeats), only by a
+        # supervisor's notice: until one comes, every requeue was of an
+        # innocent task (a BYE, a replaced worker), which costs no retry
+        if not self.deaths:
+            assert all(t.attempts == 0 for t in s.tasks.values())
+        assert not any(t.killed for t in s.queue if not (t.cancelled or t.done))
         load = s.load()
         assert load["workers"] == sum(w.alive for w in self.workers.values())
         assert load["running"] == sum(len(w.held) for w in self.workers.values() if w.alive)
@@ -1361,6 +1531,46 @@ class BrokerMachine(RuleBasedStateMachine):
         if then_pump:
             self.do_pump()
 
+    @precondition(lambda self: self.busy_origins())
+    @rule(data=st.data(), bogus=st.booleans(), then_pump=st.booleans())
+    def kill(self, data, bogus, then_pump):
+        """A forced cancel: the task ends CANCELLED wherever it is, unless its
+        result crossed the KILL."""
+        ident = data.draw(st.sampled_from(self.busy_origins()))
+        sim = self.origins[ident]
+        ids = data.draw(st.lists(st.sampled_from(sorted(sim.outstanding)), min_size=1, unique=True))
+        if bogus:
+            ids.append(self.next_id + 10**6)
+        for tid in ids:
+            if tid in sim.outstanding:
+                sim.outstanding[tid].kill_asked = True
+        self.send(ident, p.Kill(ids))
+        if then_pump:
+            self.do_pump()
+
+    @precondition(lambda self: self.busy_workers())
+    @rule(data=st.data(), rejoin=st.booleans())
+    def worker_replaced(self, data, rejoin):
+        """A worker stops tasks by replacing itself (a time limit, or KILLs
+        it was sent): it answers them (ERROR for a timeout, CANCELLED for a
+        kill), maybe some finished ones, then says BYE; its replacement
+        joins on a new connection. The rest must run again, at no retry's
+        cost, and everything be answered exactly once."""
+        ident = data.draw(st.sampled_from(self.busy_workers()))
+        w = self.workers[ident]
+        held = sorted(w.held)
+        stopped = data.draw(st.lists(st.sampled_from(held), min_size=1, unique=True))
+        stopped += sorted(set(held) & w.to_kill - set(stopped))
+        rest = sorted(set(held) - set(stopped))
+        finished = data.draw(st.lists(st.sampled_from(rest), unique=True)) if rest else []
+        records = self.answers(ident, stopped, error=True) + self.answers(ident, finished)
+        self.send(ident, p.Results(records))
+        self.bye(ident)
+        if rejoin:
+            self.hello(ident)
+            self.credit(ident, data.draw(st.integers(1, 4)))
+        self.do_pump()
+
     def bye(self, ident):
         self.send(ident, p.Bye())
         if ident in self.origins:
@@ -1428,7 +1638,7 @@ class BrokerMachine(RuleBasedStateMachine):
         for bid in bids:
             sub = w.held.pop(bid)
             self.forget_copy(ident, bid, sub)
-            if bid in w.to_cancel and not raced:
+            if (bid in w.to_cancel or bid in w.to_kill) and not raced:
                 records.append(p.ResultRecord(bid, p.Status.CANCELLED, []))
                 continue
             if error:
@@ -1540,6 +1750,7 @@ class BrokerMachine(RuleBasedStateMachine):
         before that pump, and settle their tasks. Returns the tasks whose
         live copy it held."""
         w = self.workers[ident]
+        self.deaths += 1
         if last_words and w.held:
             self.send(ident, p.Results(self.answers(ident, sorted(w.held)[:1])))
         notice = p.WorkerExit.of(ident.decode(), w.pid, returncode, [f"last words of {w.pid}"])
@@ -1589,7 +1800,7 @@ class BrokerMachine(RuleBasedStateMachine):
         ident=st.sampled_from(ALL),
         variant=st.sampled_from(
             ["hello", "welcome", "refuse", "tasks", "shutdown", "heartbeat", "started", "results",
-             "credit", "cancel"]
+             "credit", "cancel", "kill"]
         ),
         data=st.data(),
     )
@@ -1628,7 +1839,7 @@ class BrokerMachine(RuleBasedStateMachine):
         else:
             if ident in self.origins and self.origins[ident].alive:
                 return  # that one is a real cancel
-            message = p.Cancel(ids)
+            message = p.Cancel(ids) if variant == "cancel" else p.Kill(ids)
         before = self.snapshot()
         self.send(ident, message)
         assert self.snapshot() == before

@@ -315,3 +315,22 @@ def test_peers_in_a_welcome_are_addresses_a_worker_can_use_and_few_enough():
     assert peers == [f"tcp://h{i}:1" for i in range(p.MAX_WELCOME_PEERS)]
     b.connect(b"w", "worker")
     assert b.welcome().peers == peers
+
+
+def test_a_kill_of_a_lent_task_reaches_the_borrowers_worker(pair):
+    """A forced cancel follows the task: A sends KILL on B's link, B to its
+    worker; the worker's CANCELLED goes back the same way."""
+    a, b = pair
+    a.submit(b"o", [task(1), task(2)], BLOBS)
+    b.credit(b"w", 2)
+    publish(a, b)
+    carry(b, a, [p.Credit])
+    carry(a, b, [p.Tasks])
+    given = {t.frames[0]: t.task_id for t in only(b.pump(), b"w", p.Tasks).tasks}
+    a.send(b"o", p.Kill([2]))
+    (kill,) = carry(a, b, [p.Kill])
+    assert len(kill.ids) == 1
+    assert only(b.pump(), b"w", p.Kill).ids == [given[b"call-2"]]
+    b.results(b"w", p.ResultRecord(given[b"call-2"], p.Status.CANCELLED, []))
+    carry(b, a, [p.Results])
+    assert only(a.pump(), b"o", p.Results).results == [p.ResultRecord(2, p.Status.CANCELLED, [])]

@@ -418,3 +418,17 @@ def test_the_tasks_that_shared_a_poisoned_worker_survive_it():
     survivors = [only(out, ident, p.Tasks).tasks for ident in (b"w3", b"w4")]
     others = {b"call-1", b"call-2", b"call-3"} - {poison.frames[0]}
     assert sorted(t.frames[0] for (t,) in survivors) == sorted(others)
+
+
+def test_a_killed_task_whose_worker_is_lost_is_cancelled_not_retried(fed):
+    fed.submit(b"o", [task(1), task(2)], BLOBS)
+    fed.credit(b"w1", 2)
+    assert len(only(fed.pump(), b"w1", p.Tasks).tasks) == 2
+    fed.send(b"o", p.Kill([1]))
+    fed.pump()
+    out = lose(fed, b"w1", [b"o", b"w2"])
+    assert only(out, b"o", p.Results).results == [p.ResultRecord(1, p.Status.CANCELLED, [])]
+    assert fed.state.tasks[(b"o", 2)].attempts == 1  # lost with its worker: an attempt
+    assert (b"o", 1) not in fed.state.tasks
+    fed.credit(b"w2", 2)
+    assert [t.frames[0] for t in only(fed.pump(), b"w2", p.Tasks).tasks] == [b"call-2"]

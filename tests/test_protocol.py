@@ -76,6 +76,7 @@ def sample_messages():
         ),
         p.Started([1, 2, 3]),
         p.Cancel([4, 5]),
+        p.Kill([6, 7]),
         p.Heartbeat(),
         p.Bye(),
         p.Load({"name": "b", "task": "tcp://127.0.0.1:5555", "seq": 3, "queued": 9,
@@ -134,6 +135,8 @@ def test_every_command_has_a_sample():
         p.WorkerExit("w", 1, 0, None, []),
         p.WorkerExit("w" * p.MAX_NAME, 2**31 - 1, 255, None, ["x" * p.MAX_LINE] * 10),
         p.WorkerExit("w", 7, None, 127, [""] * p.MAX_TAIL_LINES),
+        p.Kill([]),
+        p.Kill([0, 2**64 - 1]),
     ],
     ids=lambda m: type(m).__name__,
 )
@@ -267,7 +270,7 @@ HOSTILE = [
     ("future-version", [H(p.Command.HEARTBEAT, version=p.VERSION + 1)]),
     ("version-255", [H(p.Command.HEARTBEAT, version=255)]),
     ("command-0", [H(0)]),
-    ("command-13", [H(max(p.Command) + 1)]),
+    ("command-after-the-last", [H(max(p.Command) + 1)]),
     ("command-255", [H(255)]),
     ("unknown-command-with-body", [H(200), b"body"]),
     # batches: index frame sizes and counts
@@ -429,6 +432,12 @@ HOSTILE = [
     ("cancel-no-body", [H(p.Command.CANCEL)]),
     ("cancel-two-frames", [H(p.Command.CANCEL), b"\x00" * 8, b"\x00" * 8]),
     ("cancel-more-than-max-ids", [H(p.Command.CANCEL), b"\x00" * (8 * (p.MAX_IDS + 1))]),
+    ("kill-no-body", [H(p.Command.KILL)]),
+    ("kill-1-byte", [H(p.Command.KILL), b"\x01"]),
+    ("kill-12-bytes", [H(p.Command.KILL), b"\x00" * 12]),
+    ("kill-two-frames", [H(p.Command.KILL), b"\x00" * 8, b"\x00" * 8]),
+    ("kill-empty-and-stray-frame", [H(p.Command.KILL), b"", b""]),
+    ("kill-more-than-max-ids", [H(p.Command.KILL), b"\x00" * (8 * (p.MAX_IDS + 1))]),
     # credit
     ("credit-empty", [H(p.Command.CREDIT), b""]),
     ("credit-3-bytes", [H(p.Command.CREDIT), b"\x00\x00\x01"]),
@@ -526,9 +535,11 @@ def test_json_metadata_at_the_size_limit_is_accepted():
     assert p.decode([header(p.Command.HELLO), raw]).meta["pad"] == "x" * (p.MAX_JSON_BYTES - 10)
 
 
-def test_max_ids_accepted():
+@pytest.mark.parametrize("command", [p.Command.STARTED, p.Command.CANCEL, p.Command.KILL],
+                         ids=lambda c: c.name)
+def test_max_ids_accepted(command):
     raw = bytes(8 * p.MAX_IDS)
-    assert len(p.decode([header(p.Command.STARTED), raw]).ids) == p.MAX_IDS
+    assert len(p.decode([header(command), raw]).ids) == p.MAX_IDS
 
 
 # Regression: json.loads raises RecursionError (not ValueError) on deep nesting,
@@ -646,6 +657,7 @@ messages = st.one_of(
     st.builds(p.Results, st.lists(result_records, max_size=5)),
     st.builds(p.Started, st.lists(ids, max_size=8)),
     st.builds(p.Cancel, st.lists(ids, max_size=8)),
+    st.builds(p.Kill, st.lists(ids, max_size=8)),
     st.just(p.Heartbeat()),
     st.just(p.Bye()),
     st.just(p.Shutdown()),

@@ -90,7 +90,7 @@ class Peer:
     tasks submit tasks)."""
 
     __slots__ = (
-        "ident", "role", "name", "host", "pid", "credit", "known", "inflight", "cancels",
+        "ident", "role", "name", "host", "pid", "credit", "known", "inflight", "cancels", "kills",
         "task_address", "meta_address", "answer_due",
         "asked", "asked_at", "asked_seq", "got_nothing", "load", "load_seq",
         "last_heard", "last_sent", "ended", "told_peers",
@@ -107,6 +107,7 @@ class Peer:
         self.known: Set[bytes] = set()  # function blobs this worker already has
         self.inflight: Dict[int, "QueuedTask"] = {}  # broker id -> task at this worker
         self.cancels: List[int] = []  # broker ids to cancel at this worker
+        self.kills: List[int] = []  # broker ids to stop at this worker, even if running
         # a peer broker's addresses, as it advertises them
         self.task_address = _address(meta.get("task"))
         self.meta_address = _address(meta.get("meta"))
@@ -148,12 +149,12 @@ class QueuedTask:
     """A task the broker holds: queued, or dispatched to ``worker`` under
     broker id ``bid``. A task moved off a worker (see ``_revoke_stranded``)
     stays in that worker's ``inflight`` under its old id, as a stale copy:
-    ``worker``/``bid`` always name the live one."""
+    ``worker``/``bid`` always name the live one, ``stale`` the others."""
 
     __slots__ = (
         "origin", "task_id", "fn", "init", "frames",
         "worker", "bid", "cancelled", "started", "done", "dispatched_at", "handed_out", "avoid",
-        "attempts", "lost_at",
+        "attempts", "lost_at", "killed", "stale",
     )
 
     def __init__(self, origin: bytes, record: p.TaskRecord) -> None:
@@ -172,6 +173,8 @@ class QueuedTask:
         self.avoid: Optional[bytes] = None  # revoked from this worker: not back to it this turn
         self.attempts = 0  # runs whose worker was lost
         self.lost_at = 0.0  # when it last lost its worker: a *suspect* for ISOLATE_FOR
+        self.killed = False  # its origin asked KILL while a worker held it: never run again
+        self.stale: Optional[List[Tuple[bytes, int]]] = None  # (worker, bid) of revoked copies
 
 
 class BrokerState:
@@ -220,6 +223,7 @@ class BrokerState:
             p.Command.RESULTS: self._on_results,
             p.Command.STARTED: self._on_started,
             p.Command.CANCEL: self._on_cancel,
+            p.Command.KILL: self._on_kill,
             p.Command.HEARTBEAT: self._on_heartbeat,
             p.Command.BYE: self._on_bye,
             p.Command.WORKER_EXIT: self._on_worker_exit,
@@ -230,6 +234,7 @@ class BrokerState:
             p.Command.REFUSE: self._on_link_refuse,
             p.Command.TASKS: self._on_link_tasks,
             p.Command.CANCEL: self._on_cancel,
+            p.Command.KILL: self._on_kill,
             p.Command.HEARTBEAT: self._on_heartbeat,
             p.Command.SHUTDOWN: self._on_heartbeat,  # a peer's end is not ours
         }
@@ -385,6 +390,28 @@ class BrokerState:
             self._cancel(task)
             record = p.ResultRecord(task_id, p.Status.CANCELLED, [])
             self._results.setdefault(ident, []).append(record)
+
+    def _on_kill(self, ident: bytes, message: p.Kill) -> None:
+        """Stop every task we still hold, even a running one (a forced
+        cancel): one no worker holds now is dropped and answered CANCELLED
+        at once; the worker holding one is told to stop it, and answers.
+        Revoked copies are stopped too. The others' RESULTS went out."""
+        for task_id in message.ids:
+            task = self.tasks.get((ident, task_id))
+            if task is None or task.killed:
+                continue
+            for worker, bid in task.stale or ():
+                peer = self.peers.get(worker)
+                if peer is not None and peer.inflight.get(bid) is task:
+                    peer.kills.append(bid)
+            if task.worker is None:
+                del self.tasks[(ident, task_id)]
+                self._cancel(task)
+                record = p.ResultRecord(task_id, p.Status.CANCELLED, [])
+                self._results.setdefault(ident, []).append(record)
+            else:
+                task.killed = True
+                self.peers[task.worker].kills.append(task.bid)
 
     # -- peer brokers ----------------------------------------------------------
 
@@ -567,6 +594,9 @@ class BrokerState:
             return
         for ident, bid, task in list(self._stranded()):
             self.peers[ident].cancels.append(bid)
+            if task.stale is None:
+                task.stale = []
+            task.stale.append((ident, bid))
             self._requeue(task)
             task.avoid = ident
             self._revoked.append(task)
@@ -583,7 +613,7 @@ class BrokerState:
                 continue
             for bid, task in list(worker.inflight.items()):
                 if not (
-                    task.started or task.done or task.cancelled or task.bid != bid
+                    task.started or task.done or task.cancelled or task.killed or task.bid != bid
                     or task.worker != ident or task.dispatched_at > deadline
                 ):
                     yield ident, bid, task
@@ -639,46 +669,53 @@ class BrokerState:
             }))
             return
         for bid, task in peer.inflight.items():
-            if task.worker == ident and task.bid == bid and not (task.cancelled or task.done):
+            live = task.worker == ident and task.bid == bid
+            if live and not (task.cancelled or task.done or task.killed):
                 task.attempts += 1
                 task.lost_at = self.clock()
         self._drop_peer(ident, lost=reason)
 
-    def _fail_lost(self, task: QueuedTask, peer: Peer, reason: str) -> None:
-        """``task`` lost its worker once too often: its origin gets LOST."""
+    def _answer(self, task: QueuedTask, status: p.Status, frames: List[Any]) -> None:
+        """End ``task`` with a record of our own for its origin."""
         task.done = True
         self.done += 1
         del self.tasks[(task.origin, task.task_id)]
+        record = p.ResultRecord(task.task_id, status, frames)
+        self._results.setdefault(task.origin, []).append(record)
+
+    def _fail_lost(self, task: QueuedTask, peer: Peer, reason: str) -> None:
+        """``task`` lost its worker once too often: its origin gets LOST."""
         detail = json.dumps({
             "host": peer.host, "worker": peer.name, "pid": peer.pid, "reason": reason,
             "attempts": task.attempts, **(peer.ended or {}),
         })
-        record = p.ResultRecord(task.task_id, p.Status.LOST, [detail.encode()])
-        self._results.setdefault(task.origin, []).append(record)
+        self._answer(task, p.Status.LOST, [detail.encode()])
 
     def _drop_peer(self, ident: bytes, lost: Optional[str] = None) -> None:
-        """A peer left (or was ``lost``): requeue the tasks it was running,
-        forget the tasks it submitted."""
+        """A peer left (or was ``lost``): requeue the tasks it was running
+        (a task being killed is answered CANCELLED instead; one lost too
+        often fails), forget the tasks it submitted."""
         peer = self.peers.get(ident)
         if peer is None:
             return
-        if lost is not None:
-            for bid, task in peer.inflight.items():
-                live = task.worker == ident and task.bid == bid
-                if live and not (task.cancelled or task.done) and task.attempts > self.max_retries:
-                    self._fail_lost(task, peer, lost)
         del self.peers[ident]
         logger.info("%s left", peer)
         if peer.role == LINK:
             for address in [a for a, link in self.links.items() if link is peer]:
                 del self.links[address]
         self.ready.pop(ident, None)
-        self._results.pop(ident, None)
-        self._started.pop(ident, None)
         for bid, task in peer.inflight.items():
-            if task.worker == ident and task.bid == bid and not (task.cancelled or task.done):
-                self._requeue(task)
+            if task.worker != ident or task.bid != bid or task.cancelled or task.done:
+                continue  # a stale copy, or nobody waits for it
+            if task.killed:
+                self._answer(task, p.Status.CANCELLED, [])
+            elif lost is not None and task.attempts > self.max_retries:
+                self._fail_lost(task, peer, lost)
+            else:
+                self._requeue(task)  # it did nothing wrong: not an attempt
         peer.inflight.clear()
+        self._results.pop(ident, None)  # answers for the peer itself, as an origin
+        self._started.pop(ident, None)
         for key in [key for key in self.tasks if key[0] == ident]:
             self._cancel(self.tasks.pop(key))
 
@@ -737,6 +774,12 @@ class BrokerState:
                     peer.answer_due = False
                 peer.credit = 0  # a request is answered once
                 self.ready.pop(ident, None)
+            if peer.kills:
+                # not those answered meanwhile: their result crossed the KILL
+                kills = [bid for bid in peer.kills if bid in peer.inflight]
+                if kills:
+                    self._send(ident, p.Kill(kills))
+                peer.kills = []
             if peer.cancels:
                 self._send(ident, p.Cancel(peer.cancels))
                 peer.cancels = []

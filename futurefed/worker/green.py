@@ -100,6 +100,10 @@ class Hub:
         self.ready: Deque[Tuple[greenlet.greenlet, Any]] = deque()
         self.parked = 0
         self.owner: Any = None  # the Worker this hub schedules for
+        #: When the task greenlet running now was switched into (None: the
+        #: hub runs). Read by the worker's watchdog thread: a task that holds
+        #: the hub for long cannot be stopped in place.
+        self.task_since: Optional[float] = None
         self._timers: List[Tuple[float, int, _Timer]] = []
         self._seq = itertools.count()
 
@@ -113,8 +117,8 @@ class Hub:
         if _hub is self:
             _hub = None
 
-    def spawn(self, fn: Callable[..., Any], context: Any, *args: Any) -> TaskGreenlet:
-        """Schedule ``fn(*args)`` in a new task greenlet; that greenlet."""
+    def spawn(self, fn: Callable[..., Any], context: Any, *args: Any) -> "TaskGreenlet":
+        """Schedule ``fn(*args)`` in a new task greenlet, and return it."""
         glet = TaskGreenlet(fn, parent=self.glet)
         glet.context = context
         self.ready.append((glet, args))
@@ -160,12 +164,26 @@ class Hub:
     def run_ready(self) -> None:
         """Run every ready greenlet until it finishes or parks."""
         ready = self.ready
-        while ready:
-            glet, value = ready.popleft()
-            if isinstance(value, tuple):
-                glet.switch(*value)
-            else:
-                glet.switch(value)
+        clock = self.clock
+        try:
+            while ready:
+                glet, value = ready.popleft()
+                self.task_since = clock()
+                if isinstance(value, tuple):
+                    glet.switch(*value)
+                else:
+                    glet.switch(value)
+        finally:
+            self.task_since = None
+
+    def throw(self, glet: greenlet.greenlet, error: BaseException) -> None:
+        """Raise ``error`` in a suspended task greenlet and run it until it
+        ends or parks again."""
+        self.task_since = self.clock()
+        try:
+            glet.throw(error)
+        finally:
+            self.task_since = None
 
 
 class GreenEvent:
@@ -219,6 +237,8 @@ class GreenFuture(TaskFuture):
     def __init__(self, task_id: int, canceller: Canceller) -> None:
         super().__init__(task_id, canceller)
         self._waiters = _GreenWaiterList()
+        #: the broker id of the task (on this worker) that submitted it
+        self.parent: Optional[int] = None
 
     def _park_until_done(self, timeout: Optional[float]) -> None:
         hub = _hub

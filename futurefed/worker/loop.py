@@ -19,20 +19,26 @@ broker of the federation, tried in turn (``search.py``): those the lost
 broker's last WELCOME named, then ``fallbacks`` (``BROKER_ADDRESSES``). It
 exits only when it knows none, or none answers within ``connect_timeout``
 (docs/federation.md, "A broker lost").
+
+Tasks may have a time limit and may be stopped by a forced cancel (KILL);
+``stopping.py`` says how, and its watchdog thread stands in for the hub
+while a task holds it.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
+import secrets
 import select
 import socket
 import sys
 import threading
 import time
-from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from collections import OrderedDict, deque
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 import greenlet
 import zmq
@@ -46,10 +52,11 @@ from .._sockets import drain, send_nowait, task_socket
 from ..security import (
     HANDSHAKE_EVENTS, FederationKey, describe_handshake_failure, make_client, monitor_socket,
 )
-from ..outcome import resolve_future, run_call
+from ..outcome import resolve_future, run_chunk
 from ..errors import FederationLost, RemoteProtocolError, SerializationError
 from .green import GreenFuture, Hub, TaskGreenlet, Waiter
 from .search import BrokerSearch, candidates
+from .stopping import RunningTask, TaskStopper, Watchdog, replacement_argv
 
 __all__ = ["Worker"]
 
@@ -128,7 +135,10 @@ class Worker:
         connect_timeout: Optional[float] = None,
         context: Optional[zmq.Context] = None,  # type: ignore[type-arg]
         key: Optional[FederationKey] = None,
+        argv: Optional[Sequence[str]] = None,
     ) -> None:
+        """``argv`` is the command line that starts a worker like this one:
+        the worker ``exec``s it to replace itself (by default, its own)."""
         self.address = address  # the broker joined, or being tried
         self.key = key  # the federation key (CurveZMQ), if it uses one
         self.handshake_problem: Optional[str] = None  # why a broker would not have us
@@ -154,10 +164,11 @@ class Worker:
         self._lost_name = ""  # the broker we lost last, for messages
         self.monitor: Any = None  # connection events of ``sock``
         self.poller = zmq.Poller()
-        # The hub loop owns the socket; the heartbeat thread borrows it, under
-        # this lock, only while a long task keeps the loop from sending.
+        # The hub loop owns the socket; the watchdog thread borrows it, under
+        # this lock, only while a long task keeps the loop from using it.
         self._sock_lock = threading.RLock()
         self._closed = threading.Event()
+        self._watch = threading.Event()  # wakes the watchdog
         self.last_sent = self.last_heard = time.monotonic()
         self.ctx = context or zmq.Context.instance()
         self.hub = Hub()
@@ -176,6 +187,14 @@ class Worker:
         self.ewma: Optional[float] = None  # seconds per task, all functions
         self.durations: Dict[bytes, float] = {}  # seconds per task, by function
         self._results: List[p.ResultRecord] = []
+        # stopping tasks (stopping.py)
+        self._active: Dict[int, RunningTask] = {}  # broker id -> started, not finished
+        self._to_stop: List[RunningTask] = []  # killed; stopped once the socket is free
+        self._inbox: Deque[List[Any]] = deque()  # read by the watchdog for the hub
+        self.stopper = TaskStopper(self)
+        self.token = secrets.randbits(62)  # this incarnation, in its nested tasks' options
+        self.argv = list(argv) if argv is not None else replacement_argv()
+        self._environ = dict(os.environ)  # for the replacement, as we were started
         # client side: tasks our tasks submit
         self.pending: Dict[int, GreenFuture] = {}
         self._ids = itertools.count(1)
@@ -183,12 +202,14 @@ class Worker:
         self._submits: List[p.TaskRecord] = []
         self._submit_blobs: Dict[bytes, Any] = {}
         self._cancels: List[int] = []
-        self._cancel_waits: List[Tuple[Sequence[TaskFuture], Waiter]] = []
+        self._kills: List[int] = []
+        self._cancel_waits: List[Tuple[Sequence[TaskFuture], Waiter, bool]] = []
         self._handlers: Dict[p.Command, Callable[[Any], None]] = {
             p.Command.WELCOME: self._on_welcome,
             p.Command.REFUSE: self._on_refuse,
             p.Command.TASKS: self._on_tasks,
             p.Command.CANCEL: self._on_cancel,
+            p.Command.KILL: self._on_kill,
             p.Command.RESULTS: self._on_results,
             p.Command.STARTED: self._on_started,
             p.Command.HEARTBEAT: lambda message: None,
@@ -215,7 +236,7 @@ class Worker:
             threading.Thread(
                 target=_watch_lifeline, args=(self.lifeline,), name="lifeline", daemon=True
             ).start()
-        threading.Thread(target=self._beat, name="heartbeat", daemon=True).start()
+        Watchdog(self).start()
         self.hub.install()
         serialize.set_process_label(self.name)
         self.search = BrokerSearch(  # serve() opens the first connection
@@ -226,23 +247,11 @@ class Worker:
     def close(self) -> None:
         self.hub.uninstall()
         self._closed.set()
+        self._watch.set()
         with self._sock_lock:
             if self.sock is not None and not self.stopping:
                 self._send(p.Bye())
         self._close_socket(linger_ms=1000)  # time for the BYE to leave
-
-    def _beat(self) -> None:
-        """Prove we are alive while a long task keeps the hub from sending."""
-        while not self._closed.wait(self.heartbeat / 2):
-            if time.monotonic() - self.last_sent < self.heartbeat:
-                continue
-            if not self._sock_lock.acquire(timeout=self.heartbeat):
-                continue  # the hub is polling: it sends its own heartbeat
-            try:
-                if self.sock is not None and not self._closed.is_set():
-                    self._send(p.Heartbeat())
-            finally:
-                self._sock_lock.release()
 
     def serve(self) -> None:
         while not self.stopping:
@@ -257,13 +266,18 @@ class Worker:
                 if until is not None:
                     timeout = min(timeout, until)
             with self._sock_lock:
-                events = dict(self.poller.poll(timeout * 1000))
-                if self.sock in events:
+                # what the watchdog read while we ran tasks comes first
+                events = dict(self.poller.poll(0 if self._inbox else timeout * 1000))
+                received = bool(self._inbox) or self.sock in events
+                if received:
                     self._drain()
+                self.stopper.unresolved.clear()  # the KILLs it read are handled now
+            if self._to_stop:
+                self.stopper.stop_killed()
             if self.lifeline is not None and self.lifeline in events:
                 logger.info("worker %s: lifeline closed, exiting", self.name)
                 return
-            if self.sock in events and self._cancel_waits:
+            if received and self._cancel_waits:
                 self._wake_cancellers()
             if self._refused:
                 self._leave_refusing_broker()
@@ -455,6 +469,12 @@ class Worker:
                 future.set_exception(lost)
         self.hub.ready.clear()  # wake-ups of the greenlets ended above
         self._cancel_waits = []
+        for task in self._active.values():  # their time limits go with them
+            if task.timer is not None:
+                task.timer.cancelled = True
+        self._active.clear()
+        self._to_stop, self._kills = [], []
+        self._inbox.clear()  # what the watchdog read from the lost broker
         self._results, self._submits, self._submit_blobs, self._cancels = [], [], {}, []
         self._sent_blobs = set()  # the next broker has none of our blobs
         self.outstanding = 0
@@ -463,14 +483,22 @@ class Worker:
     # -- input ------------------------------------------------------------------
 
     def _drain(self) -> None:
-        for frames in drain(self.sock, MAX_DRAIN):
-            self.last_heard = time.monotonic()  # a message, not just a wake-up
-            try:
-                p.dispatch(frames, self._handlers, "a worker")
-            except RemoteProtocolError as exc:
-                logger.warning("worker %s dropped a message: %s", self.name, exc)
+        inbox = self._inbox
+        while inbox:
+            self._dispatch(inbox.popleft())
             if self.stopping or self._refused:
                 return
+        for frames in drain(self.sock, MAX_DRAIN):
+            self.last_heard = time.monotonic()  # a message, not just a wake-up
+            self._dispatch(frames)
+            if self.stopping or self._refused:
+                return
+
+    def _dispatch(self, frames: List[Any]) -> None:
+        try:
+            p.dispatch(frames, self._handlers, "a worker")
+        except RemoteProtocolError as exc:
+            logger.warning("worker %s dropped a message: %s", self.name, exc)
 
     def _on_welcome(self, message: p.Welcome) -> None:
         self.peers = message.peers
@@ -519,6 +547,19 @@ class Worker:
             if self.queue.pop(task_id, None) is not None:
                 self._results.append(p.ResultRecord(task_id, p.Status.CANCELLED, []))
 
+    def _on_kill(self, message: p.Kill) -> None:
+        """Drop the named tasks still queued; stop those that started (they
+        are parked: the hub runs, so no task holds it) once the socket is
+        free, since task code runs when they unwind."""
+        for task_id in message.ids:
+            if self.queue.pop(task_id, None) is not None:
+                self._results.append(p.ResultRecord(task_id, p.Status.CANCELLED, []))
+                continue
+            task = self._active.get(task_id)
+            if task is not None and task.outcome is None:
+                self.stopper.decide(task, killed=True, replaced=False)
+                self._to_stop.append(task)
+
     def _on_results(self, message: p.Results) -> None:
         for record in message.results:
             future = self.pending.pop(record.task_id, None)
@@ -545,42 +586,76 @@ class Worker:
         batch = []
         planned = 0.0
         while queue and planned < START_BATCH_SECONDS:
-            record = queue.popitem(last=False)[1]
+            try:
+                record = queue.popitem(last=False)[1]
+            except KeyError:  # the watchdog just dropped the last one (a KILL)
+                break
             batch.append(record)
             planned += durations.get(record.fn, START_BATCH_SECONDS)
+        was_idle = not self._active
         announce = [r.task_id for r in batch if durations.get(r.fn, QUICK_SECONDS) >= QUICK_SECONDS]
         if announce:
             self._send(p.Started(announce))
         for record in batch:
-            self.running += 1
-            self._task_glets.add(self.hub.spawn(self._run_task, record, record))
+            glet = self.hub.spawn(self._run_task, record, record)
+            self._task_glets.add(glet)
+            # announced as started: a KILL from now on stops it
+            self._active[record.task_id] = RunningTask(record, glet)
+        if was_idle and announce:
+            # the watchdog watches closely while tasks run; quick ones (not
+            # announced either) are over before it would look
+            self._watch.set()
 
     def _run_task(self, record: p.TaskRecord) -> None:
         session = self.session
+        task = self._active[record.task_id]
+        task.started = time.monotonic()
+        self.running += 1
         started = time.perf_counter()
         try:
-            status, frames = self._call(record)
+            status, frames = self._call(record, task)
         finally:
             if session == self.session:
                 self.running -= 1
                 self._task_glets.discard(greenlet.getcurrent())
+                self._active.pop(record.task_id, None)
+            if task.timer is not None:
+                task.timer.cancelled = True
         if session != self.session:
             return  # its broker was lost: its result can go nowhere
         elapsed = time.perf_counter() - started
         self.ewma = elapsed if self.ewma is None else 0.8 * self.ewma + 0.2 * elapsed
         previous = self.durations.get(record.fn)
         self.durations[record.fn] = elapsed if previous is None else 0.5 * previous + 0.5 * elapsed
-        self._results.append(p.ResultRecord(record.task_id, status, frames))
+        if task.outcome is None:  # else it was stopped, and has been answered
+            self._results.append(p.ResultRecord(record.task_id, status, frames))
 
-    def _call(self, record: p.TaskRecord) -> Tuple[p.Status, List[Any]]:
+    def _call(self, record: p.TaskRecord, task: RunningTask) -> Tuple[p.Status, List[Any]]:
+        # The call is unpickled first, for its time limit: the clock runs from
+        # the start, initializer included. If that fails, the initializer may
+        # be what it needs (a path, a module): it is tried again after it.
+        call: Any = None
+        try:
+            call = self._load_call(record, task)
+        except greenlet.GreenletExit:
+            raise
+        except BaseException:  # reported below, unless the retry succeeds
+            call = None
         if record.init != p.NO_INIT:
             init = self._initialize(record.init)
             if init.error is not None:
                 return p.Status.INIT_FAILED, init.error
         try:
-            fn = self._function(record.fn)
-            args, kwargs = serialize.loads(record.frames)
-            result = run_call(fn, args, kwargs)
+            if call is None:
+                call = self._load_call(record, task)
+            fn = task.function = self._function(record.fn)
+            args, kwargs = call
+            if kwargs is None:  # a map chunk
+                before_each = self._restart_clock(task) if task.timeout is not None else None
+                task.partial = []
+                result: Any = run_chunk(fn, args, task.partial, before_each)
+            else:
+                result = fn(*args, **kwargs)
         except greenlet.GreenletExit:
             raise
         except BaseException as exc:  # the task's own error, reported to its origin
@@ -589,6 +664,43 @@ class Worker:
             return p.Status.OK, serialize.dumps(result)
         except SerializationError as exc:
             return p.Status.ERROR, serialize.dump_exception(exc)
+
+    def _load_call(self, record: p.TaskRecord, task: RunningTask) -> Tuple[Any, Any]:
+        """``(args, kwargs)`` of a task (``(items, None)`` for a map chunk),
+        applying its options: a time limit, and which task here submitted it
+        (docs/protocol.md §9)."""
+        call = serialize.loads(record.frames)
+        if not isinstance(call, tuple) or len(call) not in (2, 3):
+            raise SerializationError("malformed task payload: not (args, kwargs[, options])")
+        if len(call) == 3:
+            options = call[2]
+            if not isinstance(options, dict):
+                raise SerializationError("malformed task payload: options are not a dict")
+            parent = options.get("parent")
+            if isinstance(parent, tuple) and len(parent) == 2 and parent[0] == self.token:
+                task.parent = parent[1]
+            timeout = options.get("timeout")
+            if timeout is not None:
+                if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+                        or not math.isfinite(timeout) or timeout <= 0:
+                    raise SerializationError(f"malformed task payload: timeout {timeout!r}")
+                self._limit(task, float(timeout))
+        return call[0], call[1]
+
+    def _limit(self, task: RunningTask, timeout: float) -> None:
+        """Stop ``task`` once it has run ``timeout`` seconds: the hub's timer
+        does it while the hub runs, the watchdog while a task holds it."""
+        task.timeout = timeout
+        task.deadline = (task.started or time.monotonic()) + timeout
+        task.timer = self.hub.call_later(
+            max(0.0, task.deadline - time.monotonic()), lambda: self.stopper.expire(task)
+        )
+
+    def _restart_clock(self, task: RunningTask) -> Callable[[], None]:
+        """For a map chunk, the limit applies to each item."""
+        def restart() -> None:
+            task.deadline = time.monotonic() + (task.timeout or 0.0)
+        return restart
 
     def _function(self, digest: bytes) -> Callable[..., Any]:
         fn = self.functions.get(digest)
@@ -628,6 +740,8 @@ class Worker:
         """Queue a task submitted by one of our tasks; sent on the next flush."""
         task_id = next(self._ids)
         future = GreenFuture(task_id, self)
+        running = getattr(greenlet.getcurrent(), "context", None)
+        future.parent = running.task_id if running is not None else None
         self.pending[task_id] = future
         for digest, blob in (fn, init):
             if blob is not None and digest not in self._sent_blobs:
@@ -636,23 +750,33 @@ class Worker:
         self._submits.append(p.TaskRecord(task_id, fn[0], init[0], frames))
         return future
 
-    def cancel_futures(self, fs: Sequence[TaskFuture]) -> None:
-        """Ask the broker to cancel ``fs``; a task calling this parks until
-        the broker has answered for each (see ``_future.py``)."""
-        self._cancels.extend(future._futurefed_id for future in fs)
+    def nested_options(self) -> Dict[str, Any]:
+        """Task options that name the task submitting (so that, should this
+        worker be replaced to stop a task, the tasks here waiting on it are
+        known: stopping.py)."""
+        running = getattr(greenlet.getcurrent(), "context", None)
+        if running is None:
+            return {}
+        return {"parent": (self.token, running.task_id)}
+
+    def cancel_futures(self, fs: Sequence[TaskFuture], force: bool = False) -> None:
+        """Ask the broker to cancel ``fs`` (``force``: KILL); a task calling
+        this parks until the broker has answered for each (see
+        ``_future.py``)."""
+        (self._kills if force else self._cancels).extend(future._futurefed_id for future in fs)
         if not self.hub.in_task():
             return  # the hub cannot wait for itself: the answer settles them later
         waiter = Waiter(self.hub)
-        self._cancel_waits.append((fs, waiter))
+        self._cancel_waits.append((fs, waiter, force))
         waiter.wait(CANCEL_TIMEOUT)
 
     def _wake_cancellers(self) -> None:
         waits = []
-        for fs, waiter in self._cancel_waits:
+        for fs, waiter, force in self._cancel_waits:
             if waiter.fired:
                 continue  # timed out
-            if any(future.undecided() for future in fs):
-                waits.append((fs, waiter))
+            if any(not future.done() if force else future.undecided() for future in fs):
+                waits.append((fs, waiter, force))
             else:
                 waiter.wake()
         self._cancel_waits = waits
@@ -686,6 +810,9 @@ class Worker:
         if self._cancels:
             cancels, self._cancels = self._cancels, []
             self._send(p.Cancel(cancels))
+        if self._kills:
+            kills, self._kills = self._kills, []
+            self._send(p.Kill(kills))
         if self._results:
             self._send(p.Results(self._results))
             self._results = []

@@ -76,7 +76,7 @@ def test_peer_learned_through_another_peers_meta_is_connected(federation):
     c.process.wait_for(rf"linked to peer {a.task}")
 
 
-def test_broker_and_workers_joining_mid_run_get_work(federation):
+def test_broker_and_workers_joining_mid_run_get_work(federation, rendezvous):
     a = federation.broker("A")
     with FederatedExecutor(address=a.task) as executor:
         fs = [executor.submit(worker_name) for _ in range(100)]
@@ -84,10 +84,13 @@ def test_broker_and_workers_joining_mid_run_get_work(federation):
         b = federation.broker("B", peers=[a])
         federation.worker("B.w0", b)
         assert {f.result(timeout=GUARD) for f in fs} == {"B.w0"}
-        # a worker joining the origin's own broker gets work too
+        # a worker joining the origin's own broker gets work too: two held
+        # tasks can only both run if A.w0 and B.w0 each have one
         federation.worker("A.w0", a)
-        names = collections.Counter(executor.map(spin_work, [200_000] * 60))
-        assert set(names) == {"A.w0", "B.w0"}, names
+        held = [executor.submit(held_where, rendezvous.address, i) for i in range(2)]
+        assert sorted(rendezvous.wait(2)) == ["A.w0", "B.w0"]
+        rendezvous.release()
+        assert sorted(f.result(GUARD) for f in held) == ["A.w0", "B.w0"]
 
 
 def held_where(address: str, _: int) -> str:

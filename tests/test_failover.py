@@ -117,11 +117,11 @@ def test_workers_of_a_killed_broker_join_another_and_get_work_at_once(federation
     (signal.SIGKILL, r"its connection closed"),
     (signal.SIGSTOP, r"silent for [\d.]+ s"),
 ], ids=["killed", "stopped"])
-def test_a_worker_whose_only_broker_is_lost_exits_within_the_liveness_bound(
+def test_a_worker_whose_only_broker_is_lost_tries_it_again_then_exits(
     federation, sig, reason
 ):
     a = federation.broker("A")
-    worker = welcomed_worker(federation, "A.w0", a)
+    worker = welcomed_worker(federation, "A.w0", a, args=["--connect-timeout", "1"])
     lost = time.monotonic()
     os.kill(a.process.pid, sig)
     try:
@@ -131,13 +131,39 @@ def test_a_worker_whose_only_broker_is_lost_exits_within_the_liveness_bound(
         if sig == signal.SIGSTOP:
             os.kill(a.process.pid, signal.SIGCONT)
     assert status == 1
-    # lost after LIVENESS silent beats, noticed at the next turn (<= 1 beat)
-    assert elapsed < (LIVENESS + 2) * BEAT + 1.0, elapsed
+    # lost after LIVENESS silent beats (noticed at the next turn, <= 1 beat),
+    # then the 1 s of trying it again
+    assert elapsed < (LIVENESS + 2) * BEAT + 1.0 + 2.0, elapsed
     worker.wait_for(
-        rf"worker A.w0: broker A at {re.escape(a.task)} lost \({reason}\),"
-        r" and no other broker is known; exiting"
+        rf"worker A.w0: broker A at {re.escape(a.task)} lost \({reason}\);"
+        r" abandoned 0 tasks; trying 0 other brokers, then it again$"
     )
-    worker.wait_for(rf"^fedworker: broker A at {re.escape(a.task)} lost")
+    message = (
+        rf"broker A at {re.escape(a.task)} lost, and no broker took us within 1 s"
+        rf" \(tried {re.escape(a.task)}"
+    )
+    worker.wait_for(rf"worker A.w0: {message}")
+    worker.wait_for(rf"^fedworker: {message}")
+
+
+def test_a_worker_rejoins_its_broker_when_it_comes_back(federation):
+    """A broker that stood still (SIGSTOP: a hung host, a network cut)
+    loses its worker; once it is back, the worker joins it again, as a new
+    session, and runs its tasks: the pool keeps its size."""
+    a = federation.broker("A")
+    worker = welcomed_worker(federation, "A.w0", a, args=["--connect-timeout", "30"])
+    os.kill(a.process.pid, signal.SIGSTOP)
+    try:
+        worker.wait_for(rf"worker A.w0: broker A at {re.escape(a.task)} lost \(silent for")
+    finally:
+        os.kill(a.process.pid, signal.SIGCONT)
+    joined(worker, "A.w0", "A")
+    pid = worker.popen.pid
+    with FederatedExecutor(address=a.task) as executor:
+        results = list(executor.map(where, range(20)))
+    assert [r[0] for r in results] == [i * i for i in range(20)]
+    assert {(r[1], r[2]) for r in results} == {("A.w0", pid)}
+    assert worker.popen.poll() is None
 
 
 def test_a_worker_that_knows_no_live_broker_exits_clearly(federation):
@@ -153,11 +179,11 @@ def test_a_worker_that_knows_no_live_broker_exits_clearly(federation):
     assert 1.0 <= elapsed < 1.0 + 2.0, elapsed  # the connect timeout, then no more
     worker.wait_for(
         rf"worker B.w0: broker B at {re.escape(b.task)} lost \(its connection closed\);"
-        r" abandoned 0 tasks; trying 1 other broker$"
+        r" abandoned 0 tasks; trying 1 other broker, then it again$"
     )
     message = (
-        rf"broker B at {re.escape(b.task)} lost, and no other broker took us within 1 s"
-        rf" \(tried {re.escape(a.task)}\)"
+        rf"broker B at {re.escape(b.task)} lost, and no broker took us within 1 s"
+        rf" \(tried {re.escape(a.task)} {re.escape(b.task)}\)"
     )
     worker.wait_for(rf"worker B.w0: {message}; exiting")
     worker.wait_for(rf"^fedworker: {message}$")
@@ -211,7 +237,7 @@ def test_a_task_parked_when_its_broker_dies_is_abandoned_and_runs_again(federati
         assert future.result(timeout=GUARD) == ("B.w0", worker.pid, 7)
     worker.wait_for(
         rf"worker B.w0: broker B at {re.escape(b.task)} lost \(its connection closed\);"
-        r" abandoned 1 task; trying 1 other broker"
+        r" abandoned 1 task; trying 1 other broker, then it again"
     )
     joined(worker, "B.w0", "A")
 

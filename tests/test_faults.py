@@ -102,10 +102,10 @@ def test_a_hung_worker_is_noticed_and_its_tasks_run_elsewhere():
         # noticed within a few heartbeats (LIVENESS = 3), not at GUARD
         assert detected < BEAT * 3 * 3, detected
         # the woken worker hears nothing from a broker that dropped it, and
-        # goes; another takes its place
-        assert wait_gone([victim], GUARD) == []
+        # joins it again as a new session (its old tasks ran elsewhere): the
+        # pool is whole again without a replacement
         await_load(federation.meta_address, lambda load: load["workers"] == 2)
-        assert federation.replaced == 1
+        assert victim in worker_pids(executor) and federation.replaced == 0
         assert sorted(executor.map(abs, range(-20, 0))) == list(range(1, 21))
 
 

@@ -378,7 +378,7 @@ class Worker:
         else:
             self.broker_lost = True
             self.failure = (
-                f"broker {self._lost_name} lost, and no other broker took us within"
+                f"broker {self._lost_name} lost, and no broker took us within"
                 f" {self._rejoin_timeout():g} s (tried {tried})"
             )
         logger.error("worker %s: %s; exiting", self.name, self.failure)
@@ -415,8 +415,8 @@ class Worker:
         return True
 
     def _lose_broker(self, reason: str) -> bool:
-        """Our broker is gone: abandon its work and look for another; False
-        if there is none to look for (we exit)."""
+        """Our broker is gone: abandon its work and look for another broker,
+        or the same one back; False if the search ended at once (we exit)."""
         self._lost_name = f"{self.broker_name or '?'} at {self.address}"
         abandoned = self._abandon_session()
         self._close_socket()
@@ -426,16 +426,15 @@ class Worker:
             [self.address, *([self.broker_task] if self.broker_task else [])],
             self.peers, self.fallbacks, os.getpid(),
         )
-        if not others:
-            self.broker_lost = True
-            self.failure = f"broker {self._lost_name} lost ({reason}), and no other broker is known"
-            logger.error("worker %s: %s; exiting", self.name, self.failure)
-            return False
+        # Last, the lost broker itself: it may be back by then (a network
+        # blip, a restart, or this worker was the one that stood still, and
+        # was forgotten), and takes us again as a new session.
         logger.warning(
-            "worker %s: broker %s lost (%s); abandoned %s; trying %s",
+            "worker %s: broker %s lost (%s); abandoned %s; trying %s, then it again",
             self.name, self._lost_name, reason, _count(abandoned, "task"),
             _count(len(others), "other broker"),
         )
+        others.append(self.address)
         self.search = BrokerSearch(others, now, self._rejoin_timeout(), LIVENESS * self.heartbeat)
         return self._step_search(now)
 

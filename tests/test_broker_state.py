@@ -1519,23 +1519,18 @@ class BrokerMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.busy_origins())
     @rule(data=st.data(), bogus=st.booleans(), then_pump=st.booleans())
     def cancel(self, data, bogus, then_pump):
-        ident = data.draw(st.sampled_from(self.busy_origins()))
-        sim = self.origins[ident]
-        ids = data.draw(st.lists(st.sampled_from(sorted(sim.outstanding)), min_size=1, unique=True))
-        if bogus:
-            ids.append(self.next_id + 10**6)
-        for tid in ids:
-            if tid in sim.outstanding:
-                sim.outstanding[tid].cancel_asked = True
-        self.send(ident, p.Cancel(ids))
-        if then_pump:
-            self.do_pump()
+        self._ask_to_stop(data, bogus, then_pump, p.Cancel, "cancel_asked")
 
     @precondition(lambda self: self.busy_origins())
     @rule(data=st.data(), bogus=st.booleans(), then_pump=st.booleans())
     def kill(self, data, bogus, then_pump):
         """A forced cancel: the task ends CANCELLED wherever it is, unless its
         result crossed the KILL."""
+        self._ask_to_stop(data, bogus, then_pump, p.Kill, "kill_asked")
+
+    def _ask_to_stop(self, data, bogus, then_pump, message, asked):
+        """An origin sends ``message`` (CANCEL or KILL) for some of its
+        outstanding tasks (and, with ``bogus``, an id it never used)."""
         ident = data.draw(st.sampled_from(self.busy_origins()))
         sim = self.origins[ident]
         ids = data.draw(st.lists(st.sampled_from(sorted(sim.outstanding)), min_size=1, unique=True))
@@ -1543,8 +1538,8 @@ class BrokerMachine(RuleBasedStateMachine):
             ids.append(self.next_id + 10**6)
         for tid in ids:
             if tid in sim.outstanding:
-                sim.outstanding[tid].kill_asked = True
-        self.send(ident, p.Kill(ids))
+                setattr(sim.outstanding[tid], asked, True)
+        self.send(ident, message(ids))
         if then_pump:
             self.do_pump()
 

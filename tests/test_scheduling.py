@@ -6,7 +6,6 @@ from __future__ import annotations
 import threading
 import time
 
-import pytest
 
 from futurefed import FederatedExecutor
 from futurefed import protocol as p

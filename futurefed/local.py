@@ -98,6 +98,7 @@ class LocalFederation:
             broker = subprocess.Popen(
                 [python, "-m", "futurefed.broker",
                  "--address", f"ipc://{os.path.join(self.runtime_dir, 'tasks')}",
+                 "--runtime-dir", self.runtime_dir,
                  "--name", name, "--lifeline", str(lifeline_r), "--ready-fd", str(ready_w)],
                 pass_fds=(lifeline_r, ready_w),
                 env=child_environment({"BROKER_NAME": name}),

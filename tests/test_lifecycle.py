@@ -109,20 +109,23 @@ def test_killed_origin_leaves_no_orphans(sig):
         executor.submit(sleep_forever, fifo)
         with open(fifo) as signal:
             assert signal.readline() == "asleep\\n"  # a worker is inside the sleep
-        print(json.dumps(executor._transport.federation.pids), flush=True)
+        federation = executor._transport.federation
+        print(json.dumps([federation.pids, federation.runtime_dir]), flush=True)
         sys.stdin.read()  # until killed
     """)
     pids = []
     try:
         line = origin.stdout.readline()
         assert line, origin.stderr.read()
-        pids = json.loads(line)
-        assert len(pids) == 3
+        pids, runtime_dir = json.loads(line)
+        assert len(pids) == 3 and os.path.isdir(runtime_dir)
         os.kill(origin.pid, sig)
         origin.wait(GUARD)
         # One worker is inside time.sleep(3600): it must be ended all the same.
         leftovers = wait_gone(pids, EXIT_BOUND)
         assert leftovers == []
+        # and the broker took the private directory of its sockets with it
+        assert not os.path.exists(runtime_dir)
     finally:
         origin.kill()
         origin.communicate()

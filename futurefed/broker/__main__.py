@@ -48,6 +48,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         " reach it could run code as you (only on a network you trust entirely)",
     )
     cli.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    # the embedded federation's private directory of ipc sockets: removed
+    # when the broker exits, even if the origin that made it was killed
+    cli.add_argument("--runtime-dir", help=argparse.SUPPRESS)
     args, env, address, key = configure(cli, argv)
     if args.status is not None:
         from ..status import main as status_main
@@ -79,6 +82,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         address, args.name or env.broker_name, meta_address=meta, peers=peers,
         advertise=args.advertise, lifeline=args.lifeline, ready_fd=args.ready_fd,
         heartbeat=env.heartbeat, max_retries=env.max_retries, key=key,
+        runtime_dir=args.runtime_dir,
     )
     try:
         broker.bind()

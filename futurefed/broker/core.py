@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import time
@@ -124,9 +125,11 @@ class Broker:
         ready_fd: Optional[int] = None,
         context: Optional[zmq.Context] = None,  # type: ignore[type-arg]
         key: Optional[FederationKey] = None,
+        runtime_dir: Optional[str] = None,
     ) -> None:
         self.address = address
         self.key = key
+        self.runtime_dir = runtime_dir  # removed by close(): our ipc sockets' directory
         self.authenticator: Optional[FederationAuthenticator] = None
         self.monitor: Any = None
         self.meta_bind = meta_address
@@ -376,3 +379,6 @@ class Broker:
         if self.authenticator is not None:
             self.authenticator.stop()
             self.authenticator = None
+        if self.runtime_dir is not None:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+            self.runtime_dir = None

@@ -26,10 +26,9 @@ import tempfile
 import time
 from typing import Callable, Dict
 
-import zmq
 
 from futurefed import FederatedExecutor, FederationLost, WorkerLost
-from futurefed import protocol as p
+from futurefed.status import await_load as first_load
 
 GUARD = 60.0
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,18 +36,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def await_load(meta_address: str, condition: Callable[[Dict], bool]) -> None:
     """Wait for the first LOAD the broker publishes that meets ``condition``."""
-    sub = zmq.Context.instance().socket(zmq.SUB)
-    sub.setsockopt(zmq.LINGER, 0)
-    sub.setsockopt(zmq.SUBSCRIBE, b"")
-    sub.connect(meta_address)
-    deadline = time.monotonic() + GUARD
-    try:
-        while sub.poll(max(0.0, deadline - time.monotonic()) * 1000):
-            if condition(p.decode(sub.recv_multipart()).meta):
-                return
-    finally:
-        sub.close()
-    raise SystemExit(f"no LOAD met the condition within {GUARD:g} s")
+    if first_load(meta_address, condition, GUARD) is None:
+        raise SystemExit(f"no LOAD met the condition within {GUARD:g} s")
 
 
 def kill_own_worker() -> None:

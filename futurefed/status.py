@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 import time
-from typing import Any, Dict, List, NoReturn, Optional, Sequence, Set
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Set
 
 import zmq
 
@@ -302,6 +302,35 @@ def collect(
         collector.handshake_problem = watch.problem
         sub.close(linger=0)
         watch.close()
+
+
+def await_load(
+    meta_address: str, condition: Callable[[Dict[str, Any]], bool], timeout: float,
+    context: Optional[zmq.Context] = None,  # type: ignore[type-arg]
+    key: Optional[FederationKey] = None,
+) -> Optional[Dict[str, Any]]:
+    """The first LOAD published on ``meta_address`` that meets ``condition``
+    (malformed meta messages are skipped), or None if none does within
+    ``timeout`` seconds: to wait for a federation to reach a state, such as a
+    number of workers, without polling it."""
+    sub = (context or zmq.Context.instance()).socket(zmq.SUB)
+    try:
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        make_client(sub, key)
+        sub.connect(meta_address)
+        deadline = time.monotonic() + timeout
+        while sub.poll(max(0.0, deadline - time.monotonic()) * 1000):
+            try:
+                message = p.decode(sub.recv_multipart())
+            except RemoteProtocolError:
+                continue
+            if isinstance(message, p.Load) and condition(message.meta):
+                return dict(message.meta)
+    finally:
+        sub.close()
+    return None
 
 
 class _Parser(argparse.ArgumentParser):

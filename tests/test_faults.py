@@ -64,23 +64,12 @@ def test_sigkill_of_workers_during_a_map_loses_nothing():
 
 def await_load(meta_address: str, condition, timeout: float = GUARD) -> dict:
     """The first LOAD the broker publishes that meets ``condition``."""
-    import zmq
+    from futurefed.status import await_load as first_load
 
-    from futurefed import protocol as p
-
-    sub = zmq.Context.instance().socket(zmq.SUB)
-    sub.setsockopt(zmq.LINGER, 0)
-    sub.setsockopt(zmq.SUBSCRIBE, b"")
-    sub.connect(meta_address)
-    deadline = time.monotonic() + timeout
-    try:
-        while sub.poll(max(0.0, deadline - time.monotonic()) * 1000):
-            load = p.decode(sub.recv_multipart()).meta
-            if condition(load):
-                return load
-    finally:
-        sub.close()
-    raise AssertionError(f"no LOAD from {meta_address} met the condition within {timeout} s")
+    load = first_load(meta_address, condition, timeout)
+    if load is None:
+        raise AssertionError(f"no LOAD from {meta_address} met the condition within {timeout} s")
+    return load
 
 
 def test_a_hung_worker_is_noticed_and_its_tasks_run_elsewhere():

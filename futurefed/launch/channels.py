@@ -57,6 +57,7 @@ class Channel:
         self.label = label  # the host as the user named it
         self.advertise: Optional[str] = None  # the address peers use for its broker
         self.stderr_tail: Deque[str] = deque(maxlen=20)
+        self._stderr_ended = threading.Event()
         self._stdin: Optional[IO[str]] = None
         self._send_lock = threading.Lock()
 
@@ -102,9 +103,23 @@ class Channel:
     def close(self) -> None:
         """Release what the channel holds (after :meth:`wait`)."""
 
+    def last_words(self, timeout: float) -> List[str]:
+        """The end of the agent's stderr, once it has all arrived (or after
+        ``timeout``): its exit status can come before its last lines."""
+        self._stderr_ended.wait(timeout)
+        return [line for line in self.stderr_tail if line.strip()]
+
     def _keep_stderr(self, stream: IO[str]) -> None:
-        for line in stream:
-            self.stderr_tail.append(line.rstrip())
+        try:
+            for line in stream:
+                self.stderr_tail.append(line.rstrip())
+        except (OSError, ValueError, EOFError):
+            pass  # the connection broke: the stream has ended
+        finally:
+            self._stderr_ended.set()
+
+    def _read_stderr(self, stream: IO[str]) -> None:
+        threading.Thread(target=self._keep_stderr, args=(stream,), daemon=True).start()
 
 
 class LocalChannel(Channel):
@@ -131,7 +146,7 @@ class LocalChannel(Channel):
         except OSError as exc:
             raise LaunchError(f"{self.label}: cannot start {argv[0]}: {exc.strerror}") from None
         self._stdin = self.process.stdin
-        threading.Thread(target=self._keep_stderr, args=(self.process.stderr,), daemon=True).start()
+        self._read_stderr(self.process.stderr)  # type: ignore[arg-type]
 
     def stdout(self) -> IO[str]:
         assert self.process is not None and self.process.stdout is not None

@@ -173,7 +173,7 @@ class Session:
 
     def _ended_reason(self, agent: _Agent) -> str:
         status = agent.channel.wait(2.0)
-        tail = [line for line in agent.channel.stderr_tail if line.strip()]
+        tail = agent.channel.last_words(2.0)
         last = tail[-1] if tail else ""
         if agent.ready is None:
             if status == 127:

@@ -144,7 +144,7 @@ class SshChannel(Channel):
         # io.TextIOWrapper would wait for a whole buffer)
         self._stdout = session.makefile("r")  # type: ignore[assignment]
         stderr = session.makefile_stderr("r")
-        threading.Thread(target=self._keep_stderr, args=(stderr,), daemon=True).start()
+        self._read_stderr(stderr)
 
     def stdout(self) -> IO[str]:
         if self._stdout is None:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set, Tu
 
 import zmq
 
-from ._sockets import drain, send_nowait, task_socket
+from ._sockets import drain, readable, send_nowait, task_socket
 
 from . import protocol as p
 from ._future import CANCEL_TIMEOUT, TaskFuture
@@ -215,7 +215,7 @@ class Agent(threading.Thread):
                 # Drain, then re-arm, under the lock: a command queued after
                 # this sends a fresh wake-up; one queued before is taken below.
                 with self._wake_lock:
-                    while wake_rx.poll(0):
+                    while readable(wake_rx):
                         wake_rx.recv()
                     self._woken = False
             self._take_commands()

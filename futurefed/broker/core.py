@@ -32,7 +32,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from .. import protocol as p
-from .._sockets import drain, send_nowait, task_socket
+from .._sockets import drain, send_frames, send_nowait, task_socket
 from ..config import meta_address_for
 from ..errors import ConfigError, RemoteProtocolError
 from ..security import (
@@ -316,7 +316,7 @@ class Broker:
                     if not send_nowait(link, frames):  # its handshake failed: a wrong key
                         logger.debug("broker %s: no connection to a peer; dropped a message", self.name)
                 else:
-                    router.send_multipart([ident, *frames], copy=False)
+                    send_frames(router, [ident, *frames])
             found = state.take_new_brokers()
             if found:
                 self._connect_peers(poller, found)

@@ -33,6 +33,39 @@ def test_large_bytes_travel_out_of_band(value, frames):
     assert decoded == value and type(decoded) is type(value)
 
 
+class _Point:  # pickled by reference: importable as tests.test_serialize._Point
+    def __init__(self, x):
+        self.x = x
+
+    def __eq__(self, other):
+        return type(other) is _Point and other.x == self.x
+
+
+@pytest.mark.parametrize(
+    "value, plain",
+    [
+        (((), {}), True),  # the arguments of a call with none
+        (None, True),
+        ((1, True, 2.5, 1j, "s", b"b"), True),
+        ({"k": [1, 2], "j": ("a",)}, True),
+        ([[[1]]], False),  # three levels: the scan stops, cloudpickle decides
+        ({(1, 2): "tuple key"}, False),
+        ((_Point(1),), False),
+        ((b"x" * LARGE,), False),  # a large buffer goes out of band
+    ],
+)
+def test_plain_data_skips_cloudpickle_and_round_trips(value, plain):
+    assert serialize._is_plain(value) is plain
+    assert serialize.loads(serialize.dumps(value)) == value
+
+
+def test_code_inside_data_still_goes_by_value():
+    value = ((lambda: 3,), {})
+    assert not serialize._is_plain(value)
+    (fn,), kwargs = serialize.loads(serialize.dumps(value))
+    assert fn() == 3 and kwargs == {}
+
+
 def test_pickle_buffers_out_of_band_without_copy():
     numpy = pytest.importorskip("numpy")
     array = numpy.arange(LARGE, dtype=numpy.float64)

@@ -105,6 +105,8 @@ def task_stack(task: RunningTask, main_thread: int) -> List[traceback.FrameSumma
     """Where ``task`` is now: its greenlet's frames, read from the main
     thread if that is where it runs at this moment."""
     glet = task.glet
+    if task.started is None or glet.context is not task.record:
+        return []  # not started yet, or over: its greenlet runs no part of it
     frame = glet.gr_frame
     if frame is None and glet:  # started, not dead, not suspended: it is running
         frame = sys._current_frames().get(main_thread)
@@ -286,10 +288,11 @@ class TaskStopper:
         STOP_GRACE (by the hub's timer, or by the watchdog if it computes)."""
         w = self.worker
         glet = task.glet
-        if glet.dead:
-            return
-        if not glet:  # not started: it dies without running
-            glet.throw(greenlet.GreenletExit)
+        if glet.dead or glet.context is not task.record:
+            return  # it ended; its greenlet may run another task by now
+        if task.started is None:  # not started: it never runs
+            w.hub.unspawn(glet)
+            w._task_glets.discard(glet)
             w._active.pop(task.task_id, None)
             return
         if task.timer is not None:

@@ -142,9 +142,9 @@ class Hub:
 
     def unspawn(self, glet: "TaskGreenlet") -> None:
         """Take back a spawned task that has not started: it never runs."""
-        for entry in self.ready:
-            if entry[0] is glet and type(entry[1]) is tuple:
-                self.ready.remove(entry)
+        for i, (ready, value) in enumerate(self.ready):
+            if ready is glet and type(value) is tuple:  # its start, not a wake-up
+                del self.ready[i]
                 break
         glet.context = None
         if glet:  # a pooled greenlet, waiting for a task again

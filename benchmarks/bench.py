@@ -15,36 +15,37 @@ to read the output.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import math
 import multiprocessing
 import os
-import platform
 import statistics
 import subprocess
 import sys
-import threading
 import time
-import traceback
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import (
     Executor,
     Future,
     ProcessPoolExecutor,
     ThreadPoolExecutor,
-    wait,
 )
-from concurrent.futures import TimeoutError as FuturesTimeout
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # when imported rather than run as a script
+    sys.path.insert(0, str(HERE))
+
+from harness import Hung, call_with_deadline, call_with_watchdog, describe_failure  # noqa: E402
+from harness import Metric, Sample, Scenario, ScenarioResult, alternating  # noqa: E402
+from harness import check, latency_sample, map_sample, timed_sample, wait_all  # noqa: E402
+from harness import MEDIANS_NOTE, format_table, run_summary, scenario_json  # noqa: E402
+from harness import import_futurefed, log, positive_int, run_meta, write_json  # noqa: E402
 
 MiB = 1024 * 1024
 LATENCY_TARGET = 1.5  # "futurefed latency at most 1.5x ProcessPoolExecutor's"
-WATCHDOG_GRACE_S = 10.0  # on top of --timeout, so the executors' own timeouts fire first
-T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------
@@ -92,18 +93,6 @@ def spin(seconds: float) -> float:
 
 class ExecutorUnavailable(RuntimeError):
     """An executor selected with --executors cannot be created."""
-
-
-def import_futurefed() -> Any:
-    """Import futurefed lazily, falling back to the checkout this file lives in."""
-    try:
-        import futurefed
-    except ImportError:
-        root = str(Path(__file__).resolve().parent.parent)
-        if root not in sys.path:
-            sys.path.insert(0, root)
-        import futurefed
-    return futurefed
 
 
 def federated_executor_class() -> Callable[..., Executor]:
@@ -239,52 +228,6 @@ def warm_up(executor: Executor, workers: int, timeout: float) -> None:
     list(executor.map(noop, range(2 * workers), timeout=timeout))
 
 
-class Hung(RuntimeError):
-    """A call did not return within its deadline; its thread was abandoned."""
-
-    def __init__(self, message: str, stack: str) -> None:
-        super().__init__(message)
-        self.stack = stack
-
-
-def call_with_deadline(fn: Callable[[], T], deadline_s: float, what: str) -> T:
-    """Run ``fn`` in a helper thread and give up on it after ``deadline_s``.
-
-    Executors are only supposed to block for as long as the timeouts they are
-    given, but a broken one can block anywhere (in submit(), in shutdown()...).
-    Running each sample in a throwaway daemon thread keeps such a hang from
-    stopping the whole benchmark; the stuck thread's stack is kept for the report.
-    """
-    outcome: list[Any] = []
-
-    def target() -> None:
-        try:
-            outcome.append((True, fn()))
-        except BaseException as exc:  # handed over to the calling thread
-            outcome.append((False, exc))
-
-    thread = threading.Thread(target=target, name=f"bench: {what}", daemon=True)
-    thread.start()
-    thread.join(deadline_s)
-    if not outcome:
-        frame = sys._current_frames().get(thread.ident or -1)
-        frames = traceback.extract_stack(frame) if frame else traceback.StackSummary()
-        where = next(
-            (
-                f" in {Path(f.filename).name}:{f.lineno} {f.name}()"
-                for f in reversed(frames)
-                if Path(f.filename).name != "threading.py"
-            ),
-            "",
-        )
-        stack = "".join(frames.format()) or "(stack unavailable)\n"
-        raise Hung(f"Hung: still blocked after {deadline_s:g}s{where}; abandoned", stack)
-    ok, value = outcome[0]
-    if ok:
-        return value  # type: ignore[no-any-return]
-    raise value
-
-
 class ExecutorPool:
     """Owns the live executors; creates, warms up, replaces and shuts them down."""
 
@@ -382,65 +325,10 @@ class Context:
     warmup_payload: bytes = b""
 
 
-@dataclass
-class Sample:
-    values: dict[str, float]
-    raw: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Metric:
-    key: str
-    label: str
-    unit: str
-    higher_is_better: bool
-    fmt: str
-    is_latency: bool = False
-
-
-@dataclass(frozen=True)
-class Scenario:
-    name: str
-    summary: str
-    size: Callable[[Sizes], str]  # describes the work done per sample
-    metrics: tuple[Metric, ...]
-    run: Callable[[Executor, Context], Sample]
-    warmup: Callable[[Executor, Context], None] | None = None
-    needs_payload: bool = False
-
-
-class WrongResult(AssertionError):
-    """An executor returned something other than what the task computes."""
-
-
-def check(condition: bool, message: str) -> None:
-    if not condition:
-        raise WrongResult(message)
-
-
-def wait_all(futures: Sequence[Future[Any]], timeout: float) -> None:
-    _, not_done = wait(futures, timeout=timeout)
-    if not_done:
-        raise TimeoutError(f"{len(not_done)} of {len(futures)} futures not done after {timeout}s")
-
-
-def percentile(values: Sequence[float], pct: float) -> float:
-    """Linear-interpolated percentile (same as numpy's default)."""
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * pct / 100
-    low, high = math.floor(pos), math.ceil(pos)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-
-
 def run_map(big_chunks: bool) -> Callable[[Executor, Context], Sample]:
     def run(executor: Executor, ctx: Context) -> Sample:
-        n = ctx.sizes.map_items
         chunksize = ctx.sizes.map_chunksize if big_chunks else 1
-        started = time.perf_counter()
-        results = list(executor.map(noop, range(n), timeout=ctx.timeout, chunksize=chunksize))
-        elapsed = time.perf_counter() - started
-        check(results == list(range(n)), "map() returned wrong results")
-        return Sample({"throughput": n / elapsed}, {"elapsed_s": elapsed})
+        return map_sample(executor, noop, ctx.sizes.map_items, chunksize, ctx.timeout)
 
     return run
 
@@ -456,22 +344,7 @@ def run_submit(executor: Executor, ctx: Context) -> Sample:
 
 
 def run_latency(executor: Executor, ctx: Context) -> Sample:
-    clock = time.perf_counter_ns
-    latencies_ns: list[int] = []
-    for _ in range(ctx.sizes.latency_calls):
-        started = clock()
-        result = executor.submit(noop).result(timeout=ctx.timeout)
-        latencies_ns.append(clock() - started)
-        check(result is None, f"noop() returned {result!r}")
-    latencies_us = [ns / 1000 for ns in latencies_ns]
-    return Sample(
-        {"p50": percentile(latencies_us, 50), "p99": percentile(latencies_us, 99)},
-        {
-            "mean_us": statistics.fmean(latencies_us),
-            "max_us": max(latencies_us),
-            "latencies_us": [round(us, 1) for us in latencies_us],
-        },
-    )
+    return latency_sample(executor, noop, ctx.sizes.latency_calls, ctx.timeout)
 
 
 def warm_payload_arg(executor: Executor, ctx: Context) -> None:
@@ -512,7 +385,7 @@ def run_cpu(executor: Executor, ctx: Context) -> Sample:
     return Sample({"wall": wall, "efficiency": n * task_s / (ctx.workers * wall)})
 
 
-SCENARIOS: dict[str, Scenario] = {
+SCENARIOS: dict[str, Scenario[Context]] = {
     s.name: s
     for s in (
         Scenario(
@@ -582,82 +455,29 @@ SCENARIOS: dict[str, Scenario] = {
 # --------------------------------------------------------------------------
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-@dataclass
-class ScenarioResult:
-    scenario: Scenario
-    samples: dict[str, list[Sample]]
-    errors: dict[str, str] = field(default_factory=dict)
-    stacks: dict[str, str] = field(default_factory=dict)  # where hung executors were blocked
-
-    def values(self, metric: Metric, key: str) -> list[float]:
-        return [sample.values[metric.key] for sample in self.samples.get(key, [])]
-
-    def median(self, metric: Metric, key: str) -> float | None:
-        values = self.values(metric, key)
-        return statistics.median(values) if values else None
-
-    def ratio(self, metric: Metric) -> float | None:
-        """futurefed vs ProcessPoolExecutor, oriented so that > 1.0 favours futurefed."""
-        fed, ppe = self.median(metric, "fed"), self.median(metric, "ppe")
-        if not fed or not ppe:
-            return None
-        return fed / ppe if metric.higher_is_better else ppe / fed
-
-    def paired_ratio(self, metric: Metric) -> float | None:
-        """Median over repetitions of the per-repetition ratio (same orientation as ratio()).
-
-        Fed and PPE samples of one repetition run back to back, so when the
-        whole machine drifts between repetitions this cancels more of it.
-        """
-        by_rep = {
-            key: {sample.raw["rep"]: sample.values[metric.key] for sample in self.samples[key]}
-            for key in ("fed", "ppe")
-            if key in self.samples
-        }
-        if len(by_rep) < 2:
-            return None
-        ratios = [
-            fed / ppe if metric.higher_is_better else ppe / fed
-            for rep, fed in by_rep["fed"].items()
-            if (ppe := by_rep["ppe"].get(rep)) and fed
-        ]
-        return statistics.median(ratios) if ratios else None
-
-    def fed_over_ppe(self, metric: Metric) -> float | None:
-        fed, ppe = self.median(metric, "fed"), self.median(metric, "ppe")
-        return fed / ppe if fed and ppe else None
-
-
-def take_sample(scenario: Scenario, pool: ExecutorPool, key: str, ctx: Context) -> Sample:
+def take_sample(
+    scenario: Scenario[Context], pool: ExecutorPool, key: str, ctx: Context
+) -> Sample:
     """Warm up (untimed), then run one timed sample of ``scenario`` on executor ``key``."""
     executor = pool.get(key)
     warm_up(executor, ctx.workers, ctx.timeout)
-    if scenario.warmup is not None:
-        scenario.warmup(executor, ctx)
-    gc.collect()
-    return scenario.run(executor, ctx)
+    return timed_sample(scenario, executor, ctx)
 
 
 def run_scenario(
-    scenario: Scenario, pool: ExecutorPool, ctx: Context, repeat: int
+    scenario: Scenario[Context], pool: ExecutorPool, ctx: Context, repeat: int
 ) -> ScenarioResult:
-    keys = pool.keys
-    result = ScenarioResult(scenario, {key: [] for key in keys})
-    log(f"[{scenario.name}] {scenario.summary}: {scenario.size(ctx.sizes)}")
-    for rep in range(repeat):
-        order = keys if rep % 2 == 0 else keys[::-1]
+    result = ScenarioResult(scenario, {key: [] for key in pool.keys})
+    log(scenario.headline(ctx.sizes))
+    for rep, order in alternating(pool.keys, repeat):
         for key in order:
             if key in result.errors:
                 continue
             label = f"rep {rep + 1}/{repeat} {key:>6}"
             try:
-                sample = call_with_deadline(
+                sample = call_with_watchdog(
                     partial(take_sample, scenario, pool, key, ctx),
-                    ctx.timeout + WATCHDOG_GRACE_S,
+                    ctx.timeout,
                     f"{scenario.name}/{key}",
                 )
             except Hung as exc:
@@ -667,34 +487,19 @@ def run_scenario(
                 pool.discard(key, hung=True)
                 continue
             except Exception as exc:  # report it and carry on
-                detail = str(exc)
-                if not detail and isinstance(exc, FuturesTimeout):
-                    detail = f"no result within --timeout {ctx.timeout:g}s"
-                result.errors[key] = f"{type(exc).__name__}: {detail}"
+                result.errors[key] = describe_failure(exc, ctx.timeout)
                 log(f"  {label}: FAILED {result.errors[key]}")
                 pool.discard(key)
                 continue
-            sample.raw["rep"] = rep
-            result.samples[key].append(sample)
-            shown = ", ".join(
-                f"{m.key}={format(sample.values[m.key], m.fmt)} {m.unit}" for m in scenario.metrics
-            )
-            log(f"  {label}: {shown}")
+            result.add(key, rep, sample)
+            log(f"  {label}: {scenario.format_values(sample)}")
     return result
 
 
-def format_table(rows: list[list[str]], right_align_from: int = 2) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-
-    def fmt(row: list[str]) -> str:
-        cells = [
-            cell.rjust(width) if i >= right_align_from else cell.ljust(width)
-            for i, (cell, width) in enumerate(zip(row, widths))
-        ]
-        return " | ".join(cells).rstrip()
-
-    rule = "-+-".join("-" * width for width in widths)
-    return "\n".join([fmt(rows[0]), rule, *(fmt(row) for row in rows[1:])])
+def fed_over_ppe(result: ScenarioResult, metric: Metric) -> float | None:
+    """futurefed's median divided by ProcessPoolExecutor's (not oriented like ratio())."""
+    fed, ppe = result.median(metric, "fed"), result.median(metric, "ppe")
+    return fed / ppe if fed and ppe else None
 
 
 def render_report(
@@ -705,27 +510,27 @@ def render_report(
     errors: list[str] = []
     for result in results:
         for metric in result.scenario.metrics:
-            row = [metric.label, f"{metric.unit} {'↑' if metric.higher_is_better else '↓'}"]
+            row = [metric.label, metric.unit_cell]
             for key in keys:
                 median = result.median(metric, key)
                 if key in result.errors:
                     row.append("ERROR")
                 else:
                     row.append("-" if median is None else format(median, metric.fmt))
-            ratio = result.ratio(metric)
+            ratio = result.ratio(metric, "fed", "ppe")
             row.append("-" if ratio is None else f"{ratio:.2f}")
-            fed_over_ppe = result.fed_over_ppe(metric) if metric.is_latency else None
-            if fed_over_ppe is None:
+            multiple = fed_over_ppe(result, metric) if metric.is_latency else None
+            if multiple is None:
                 row.append("")
             else:
-                verdict = "ok" if fed_over_ppe <= LATENCY_TARGET else "OVER"
-                row.append(f"{fed_over_ppe:.2f}× {verdict}")
+                verdict = "ok" if multiple <= LATENCY_TARGET else "OVER"
+                row.append(f"{multiple:.2f}× {verdict}")
             rows.append(row)
         errors += [f"  {result.scenario.name}/{key}: {msg}" for key, msg in result.errors.items()]
     lines = [
         format_table(rows),
         "",
-        "Medians of the repetitions. ↑ higher is better, ↓ lower is better.",
+        MEDIANS_NOTE,
         "ratio > 1.00 means futurefed is better (throughput: fed/ppe; latency and wall: ppe/fed).",
         f"fed/ppe ×: futurefed latency as a multiple of ProcessPoolExecutor's "
         f"(target ≤ {LATENCY_TARGET}×).",
@@ -736,30 +541,24 @@ def render_report(
     return "\n".join(lines)
 
 
+def ratios_json(result: ScenarioResult, metric: Metric) -> dict[str, Any]:
+    return {
+        "ratio": result.ratio(metric, "fed", "ppe"),
+        "paired_ratio_median": result.paired_ratio(metric, "fed", "ppe"),
+        "fed_over_ppe": fed_over_ppe(result, metric),
+    }
+
+
 def build_json(
     results: Sequence[ScenarioResult], meta: dict[str, Any], pool: ExecutorPool
 ) -> dict[str, Any]:
-    scenarios: dict[str, Any] = {}
-    for result in results:
-        metrics: dict[str, Any] = {}
-        for metric in result.scenario.metrics:
-            metrics[metric.key] = {
-                "label": metric.label,
-                "unit": metric.unit,
-                "higher_is_better": metric.higher_is_better,
-                "samples": {k: result.values(metric, k) for k in pool.keys},
-                "median": {k: result.median(metric, k) for k in pool.keys},
-                "ratio": result.ratio(metric),
-                "paired_ratio_median": result.paired_ratio(metric),
-                "fed_over_ppe": result.fed_over_ppe(metric),
-            }
-        scenarios[result.scenario.name] = {
-            "summary": result.scenario.summary,
-            "metrics": metrics,
-            "raw": {k: [asdict(s) for s in result.samples[k]] for k in pool.keys},
-            "errors": result.errors,
+    scenarios = {
+        result.scenario.name: {
+            **scenario_json(result, pool.keys, ratios_json),
             "hung_stacks": result.stacks,
         }
+        for result in results
+    }
     executors = {
         k: {"label": EXECUTOR_KINDS[k].label, "startup_s": pool.startup_s[k]} for k in pool.keys
     }
@@ -768,10 +567,7 @@ def build_json(
 
 def collect_meta(args: argparse.Namespace, sizes: Sizes, repeat: int) -> dict[str, Any]:
     meta: dict[str, Any] = {
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "argv": sys.argv,
-        "python": sys.version,
-        "platform": platform.platform(),
+        **run_meta(),
         "cpu_count": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
@@ -822,13 +618,6 @@ def comma_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
         return list(dict.fromkeys(names))
 
     return parse
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return value
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -882,7 +671,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run_all(
-    pool: ExecutorPool, scenarios: Sequence[Scenario], ctx: Context, repeat: int
+    pool: ExecutorPool, scenarios: Sequence[Scenario[Context]], ctx: Context, repeat: int
 ) -> list[ScenarioResult]:
     """Start every executor (untimed), then run the scenarios; always shuts the pool down."""
     clean_exit = False
@@ -900,14 +689,7 @@ def run_all(
 def print_report(
     results: Sequence[ScenarioResult], keys: Sequence[str], meta: dict[str, Any]
 ) -> None:
-    load = ""
-    if meta["loadavg_start"] and meta["loadavg_end"]:
-        load = f"  load1={meta['loadavg_start'][0]:.2f}->{meta['loadavg_end'][0]:.2f}"
-    size_label = "quick (1/10)" if meta["quick"] else "full"
-    print(
-        f"\nworkers={meta['workers']}  repeat={meta['repeat']}  sizes={size_label}"
-        f"  python={platform.python_version()}  cpus={os.cpu_count()}{load}"
-    )
+    print(run_summary(meta))
     notes = []
     if "payload_build_s" in meta:
         notes.append(
@@ -962,9 +744,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print_report(results, keys, meta)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(build_json(results, meta, pool), indent=1) + "\n")
-        print(f"Raw samples written to {args.json}")
+        write_json(args.json, build_json(results, meta, pool))
     return exit_now(1 if any(result.errors for result in results) else 0, pool)
 
 

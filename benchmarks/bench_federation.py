@@ -27,10 +27,7 @@ scenario" section of ``benchmarks/README.md`` for how to read the output.
 from __future__ import annotations
 
 import argparse
-import gc
-import json
 import os
-import platform
 import re
 import signal
 import statistics
@@ -39,10 +36,9 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
-from concurrent.futures import TimeoutError as FuturesTimeout
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -53,19 +49,13 @@ if str(HERE) not in sys.path:  # when imported rather than run as a script
     sys.path.insert(0, str(HERE))
 
 import fedbench_tasks as tasks  # noqa: E402
-from bench import (  # noqa: E402
-    Hung,
-    call_with_deadline,
-    check,
-    format_table,
-    import_futurefed,
-    log,
-    percentile,
-    wait_all,
-)
+from harness import Hung, call_with_deadline, call_with_watchdog, describe_failure  # noqa: E402
+from harness import Metric, Sample, Scenario, ScenarioResult, alternating  # noqa: E402
+from harness import check, latency_sample, map_sample, timed_sample, wait_all  # noqa: E402
+from harness import MEDIANS_NOTE, format_table, run_summary, scenario_json  # noqa: E402
+from harness import import_futurefed, log, positive_int, run_meta, write_json  # noqa: E402
 
 BOUND = re.compile(r"bound (tcp://\S+) \(meta (tcp://\S+)\)")
-WATCHDOG_GRACE_S = 10.0  # on top of --timeout, so the executors' own timeouts fire first
 STOP_GRACE_S = 5.0  # SIGTERM, then SIGKILL after this long
 TARGET_TASK_S = 0.020  # one cpu task, alone on one core
 
@@ -448,30 +438,6 @@ class Context:
     calibration: Calibration
 
 
-@dataclass
-class Sample:
-    values: dict[str, float]
-    raw: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Metric:
-    key: str
-    label: str
-    unit: str
-    higher_is_better: bool
-    fmt: str
-
-
-@dataclass(frozen=True)
-class Scenario:
-    name: str
-    summary: str
-    size: Callable[[Sizes], str]
-    metrics: tuple[Metric, ...]
-    run: Callable[[Executor, Context], Sample]
-
-
 def worker_label(name: str | None, pid: int) -> str:
     return name if name else f"pid {pid}"
 
@@ -496,34 +462,14 @@ def run_cpu(executor: Executor, ctx: Context) -> Sample:
 
 
 def run_map(executor: Executor, ctx: Context) -> Sample:
-    n = ctx.sizes.map_items
-    started = time.perf_counter()
-    results = list(executor.map(tasks.noop, range(n), timeout=ctx.timeout))
-    elapsed = time.perf_counter() - started
-    check(results == list(range(n)), "map() returned wrong results")
-    return Sample({"throughput": n / elapsed}, {"elapsed_s": elapsed})
+    return map_sample(executor, tasks.noop, ctx.sizes.map_items, 1, ctx.timeout)
 
 
 def run_latency(executor: Executor, ctx: Context) -> Sample:
-    clock = time.perf_counter_ns
-    latencies_ns: list[int] = []
-    for _ in range(ctx.sizes.latency_calls):
-        started = clock()
-        result = executor.submit(tasks.noop).result(timeout=ctx.timeout)
-        latencies_ns.append(clock() - started)
-        check(result is None, f"noop() returned {result!r}")
-    us = [ns / 1000 for ns in latencies_ns]
-    return Sample(
-        {"p50": percentile(us, 50), "p99": percentile(us, 99)},
-        {
-            "mean_us": statistics.fmean(us),
-            "max_us": max(us),
-            "latencies_us": [round(x, 1) for x in us],
-        },
-    )
+    return latency_sample(executor, tasks.noop, ctx.sizes.latency_calls, ctx.timeout)
 
 
-SCENARIOS: dict[str, Scenario] = {
+SCENARIOS: dict[str, Scenario[Context]] = {
     s.name: s
     for s in (
         Scenario(
@@ -562,40 +508,6 @@ SCENARIOS: dict[str, Scenario] = {
 # --------------------------------------------------------------------------
 
 
-@dataclass
-class ScenarioResult:
-    scenario: Scenario
-    samples: dict[str, list[Sample]]
-    errors: dict[str, str] = field(default_factory=dict)
-
-    def values(self, metric: Metric, key: str) -> list[float]:
-        return [s.values[metric.key] for s in self.samples.get(key, [])]
-
-    def median(self, metric: Metric, key: str) -> float | None:
-        values = self.values(metric, key)
-        return statistics.median(values) if values else None
-
-    def ratio(self, metric: Metric, key: str, base: str) -> float | None:
-        """``key`` vs ``base``, oriented so that > 1.0 means ``key`` is better."""
-        a, b = self.median(metric, key), self.median(metric, base)
-        if not a or not b:
-            return None
-        return a / b if metric.higher_is_better else b / a
-
-    def paired_ratio(self, metric: Metric, key: str, base: str) -> float | None:
-        """Median of the per-repetition ratios (same orientation as ratio())."""
-        by_rep = {
-            k: {s.raw["rep"]: s.values[metric.key] for s in self.samples.get(k, [])}
-            for k in (key, base)
-        }
-        ratios = [
-            a / b if metric.higher_is_better else b / a
-            for rep, a in by_rep[key].items()
-            if (b := by_rep[base].get(rep)) and a
-        ]
-        return statistics.median(ratios) if ratios else None
-
-
 def warm_up(contender: Contender, workers: int, timeout: float) -> Executor:
     """An untimed no-op map of ``2 * workers`` items; returns the executor."""
     executor = contender.executor
@@ -609,17 +521,16 @@ def describe(exc: BaseException, timeout: float) -> str:
     """A one-line description of a failure."""
     if isinstance(exc, BenchError):
         return str(exc)
-    if isinstance(exc, FuturesTimeout) and not str(exc):
-        return f"TimeoutError: no result within --timeout {timeout:g}s"
-    return f"{type(exc).__name__}: {exc}"
+    return describe_failure(exc, timeout)
 
 
-def take_sample(scenario: Scenario, contender: Contender, ctx: Context) -> Sample:
+def take_sample(
+    scenario: Scenario[Context], contender: Contender, ctx: Context
+) -> Sample:
     """Check the processes, warm up (untimed), then run one timed sample."""
     contender.check()
     executor = warm_up(contender, ctx.workers, ctx.timeout)
-    gc.collect()
-    sample = scenario.run(executor, ctx)
+    sample = timed_sample(scenario, executor, ctx)
     contender.check()
     return sample
 
@@ -632,12 +543,11 @@ class Runner:
         self.failed: dict[str, str] = {}  # key -> first error; skipped afterwards
         self.abandoned = False  # a sample thread was left blocked
 
-    def run(self, scenario: Scenario) -> ScenarioResult:
+    def run(self, scenario: Scenario[Context]) -> ScenarioResult:
         ctx = self.ctx
         result = ScenarioResult(scenario, {c.key: [] for c in self.contenders})
-        log(f"[{scenario.name}] {scenario.summary}: {scenario.size(ctx.sizes)}")
-        for rep in range(self.repeat):
-            order = self.contenders if rep % 2 == 0 else self.contenders[::-1]
+        log(scenario.headline(ctx.sizes))
+        for rep, order in alternating(self.contenders, self.repeat):
             for contender in order:
                 key = contender.key
                 if key in self.failed:
@@ -645,9 +555,9 @@ class Runner:
                     continue
                 label = f"rep {rep + 1}/{self.repeat} {key:>4}"
                 try:
-                    sample = call_with_deadline(
+                    sample = call_with_watchdog(
                         partial(take_sample, scenario, contender, ctx),
-                        ctx.timeout + WATCHDOG_GRACE_S,
+                        ctx.timeout,
                         f"{scenario.name}/{key}",
                     )
                 except Exception as exc:
@@ -663,13 +573,8 @@ class Runner:
                     self.failed[key] = f"{scenario.name}: {first_line}"
                     log(f"  {label}: FAILED {message}")
                     continue
-                sample.raw["rep"] = rep
-                result.samples[key].append(sample)
-                shown = ", ".join(
-                    f"{m.key}={format(sample.values[m.key], m.fmt)} {m.unit}"
-                    for m in scenario.metrics
-                )
-                log(f"  {label}: {shown}")
+                result.add(key, rep, sample)
+                log(f"  {label}: {scenario.format_values(sample)}")
         return result
 
 
@@ -686,7 +591,7 @@ def render_table(results: Sequence[ScenarioResult], contenders: Sequence[Contend
     rows = [["scenario", "unit", *(c.label for c in contenders), *(c[2] for c in comparisons)]]
     for result in results:
         for metric in result.scenario.metrics:
-            row = [metric.label, f"{metric.unit} {'↑' if metric.higher_is_better else '↓'}"]
+            row = [metric.label, metric.unit_cell]
             for key in keys:
                 median = result.median(metric, key)
                 if median is None:
@@ -732,44 +637,26 @@ def build_json(
     meta: dict[str, Any],
 ) -> dict[str, Any]:
     keys = [c.key for c in contenders]
-    scenarios: dict[str, Any] = {}
-    for result in results:
-        metrics = {}
-        for metric in result.scenario.metrics:
-            metrics[metric.key] = {
-                "label": metric.label,
-                "unit": metric.unit,
-                "higher_is_better": metric.higher_is_better,
-                "samples": {k: result.values(metric, k) for k in keys},
-                "median": {k: result.median(metric, k) for k in keys},
-                "ratios": {
-                    name: {
-                        "of_medians": result.ratio(metric, key, base),
-                        "paired_median": result.paired_ratio(metric, key, base),
-                    }
-                    for key, base, name in COMPARISONS
-                    if key in keys and base in keys
-                },
+
+    def ratios(result: ScenarioResult, metric: Metric) -> dict[str, Any]:
+        return {
+            "ratios": {
+                name: {
+                    "of_medians": result.ratio(metric, key, base),
+                    "paired_median": result.paired_ratio(metric, key, base),
+                }
+                for key, base, name in COMPARISONS
+                if key in keys and base in keys
             }
-        scenarios[result.scenario.name] = {
-            "summary": result.scenario.summary,
-            "metrics": metrics,
-            "raw": {k: [asdict(s) for s in result.samples[k]] for k in keys},
-            "errors": result.errors,
         }
+
+    scenarios = {r.scenario.name: scenario_json(r, keys, ratios) for r in results}
     return {"meta": meta, "scenarios": scenarios}
 
 
 # --------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return value
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -831,10 +718,7 @@ def main(argv: Sequence[str] | None = None) -> tuple[int, bool]:
 
     run_started = time.perf_counter()
     meta: dict[str, Any] = {
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "argv": sys.argv,
-        "python": sys.version,
-        "platform": platform.platform(),
+        **run_meta(),
         "cpu_count": cpus,
         "loadavg_start": os.getloadavg(),
         "workers": workers,
@@ -879,9 +763,9 @@ def main(argv: Sequence[str] | None = None) -> tuple[int, bool]:
             started.append(contender)
             try:
                 contender.start()  # every wait in here has its own timeout
-                call_with_deadline(
+                call_with_watchdog(
                     partial(warm_up, contender, workers, args.timeout),
-                    args.timeout + WATCHDOG_GRACE_S,
+                    args.timeout,
                     f"warming up {contender.key}",
                 )
             except (BenchError, Hung):
@@ -939,18 +823,14 @@ def main(argv: Sequence[str] | None = None) -> tuple[int, bool]:
     meta["loadavg_end"] = os.getloadavg()
     end_timings = time_burn(cal.iterations, 9)
     meta["calibration_end_s"] = end_timings
-    load = f"load1={meta['loadavg_start'][0]:.2f}->{meta['loadavg_end'][0]:.2f}"
-    print(
-        f"\nworkers={workers}  repeat={repeat}  sizes={'quick (1/10)' if args.quick else 'full'}"
-        f"  python={platform.python_version()}  cpus={cpus}  {load}"
-    )
+    print(run_summary(meta))
     print(
         f"brokers: 1 broker = [{workers}] workers; 3 brokers = A{split3[0]} B{split3[1]} "
         f"C{split3[2]} (B peers with A, C with A and B; the origin is on A)"
     )
     print(render_table(results, contenders))
     print()
-    print("Medians of the repetitions. ↑ higher is better, ↓ lower is better.")
+    print(MEDIANS_NOTE)
     print("Ratios > 1.00 mean the first-named is better (throughput x/y; latency and wall y/x).")
     print(
         f"cpu task: {cal.iterations:,} loop iterations = {cal.task_s * 1000:.2f} ms alone "
@@ -971,9 +851,7 @@ def main(argv: Sequence[str] | None = None) -> tuple[int, bool]:
         print("\n".join(errors))
     print(f"Total run time: {meta['elapsed_s']:.1f}s")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(build_json(results, contenders, meta), indent=1) + "\n")
-        print(f"Raw samples written to {args.json}")
+        write_json(args.json, build_json(results, contenders, meta))
     if close_failed:
         print("\nError: an executor did not shut down cleanly (see stderr).")
     return (1 if errors or close_failed else 0), runner.abandoned

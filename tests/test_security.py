@@ -4,6 +4,7 @@ loopback without a key, and the embedded federation's private sockets."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import socket
@@ -180,6 +181,19 @@ def test_holders_of_the_key_work_together(keyed, monkeypatch):
                             env={**os.environ, KEY_FILE_VARIABLE: key_file})
     assert status.returncode == 0, status.stderr
     assert "A.w0" in status.stdout or " 1 " in status.stdout
+
+
+def test_fedbroker_status_passes_its_key_file_timeout_and_json_on(keyed):
+    fed, broker, key_file = keyed
+    env = {k: v for k, v in os.environ.items() if k != KEY_FILE_VARIABLE}
+    status = subprocess.run(
+        command("fedbroker") + ["--status", broker.meta, "--key-file", key_file,
+                                "--timeout", "5", "--json"],
+        capture_output=True, text=True, timeout=GUARD, env=env,
+    )
+    assert status.returncode == 0, status.stderr
+    (load,) = json.loads(status.stdout)["brokers"]
+    assert load["task"] == broker.task and load["workers"] == 1
 
 
 def _still_serves(broker, key_file, monkeypatch):

@@ -152,6 +152,15 @@ def test_bad_address_is_one_line_and_exit_status_2(args, env):
     assert "Traceback" not in done.stderr
 
 
+def test_fedbroker_status_flags_without_status_are_a_usage_error():
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bin", "fedbroker"), "--json"],
+        capture_output=True, text=True, timeout=GUARD,
+    )
+    assert done.returncode == 2
+    assert done.stderr.endswith("fedbroker: error: --timeout and --json go with --status\n")
+
+
 def test_fedbroker_status_bad_address_is_one_line_and_exit_status_2():
     done = fedbroker_status("tcp://127.0.0.1")
     assert done.returncode == 2

@@ -38,6 +38,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         " (default: META_ADDRESS, else BROKER_ADDRESS's port + 1)",
     )
     cli.add_argument(
+        "--timeout", type=float, metavar="SECONDS",
+        help="with --status: stop listening after this long (as fedstatus --timeout)",
+    )
+    cli.add_argument(
+        "--json", action="store_true", help="with --status: print JSON (as fedstatus --json)",
+    )
+    cli.add_argument(
         "--advertise", metavar="HOST",
         help="the host name or address peers should use to reach this broker"
         " (default: as bound; a wildcard bind such as tcp://*:5555 advertises this host's FQDN)",
@@ -53,9 +60,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     cli.add_argument("--runtime-dir", help=argparse.SUPPRESS)
     args, env, address, key = configure(cli, argv)
     if args.status is not None:
-        from ..status import main as status_main
-
-        return status_main([args.status] if args.status else [])
+        return _status(args)
+    if args.timeout is not None or args.json:
+        cli.error("--timeout and --json go with --status")
     try:
         meta, peers = _meta_and_peers(args, env, address)
     except ConfigError as exc:
@@ -90,6 +97,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"fedbroker: {exc}", file=sys.stderr)
         return 1
     return broker.run()
+
+
+def _status(args: argparse.Namespace) -> int:
+    """``fedbroker --status``: fedstatus, with the flags that apply to it."""
+    from ..status import main as status_main
+
+    argv = [args.status] if args.status else []
+    if args.timeout is not None:
+        argv += ["--timeout", str(args.timeout)]
+    if args.json:
+        argv.append("--json")
+    if args.key_file:
+        argv += ["--key-file", args.key_file]
+    return status_main(argv)
 
 
 def _meta_and_peers(

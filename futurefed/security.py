@@ -22,6 +22,8 @@ import os
 import re
 import shutil
 import stat
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -135,22 +137,52 @@ class FederationKey:
         return cls(public.encode(), secret.encode())
 
 
+#: The reaper of a KeyFile: it waits for end-of-file on its stdin, which
+#: comes when the process holding the other end exits, however it ends.
+_REAPER = "import os, shutil, sys\nos.read(0, 1)\nshutil.rmtree(sys.argv[1], ignore_errors=True)"
+
+
 class KeyFile:
     """``key`` in a file of a fresh directory only this user may enter, for
     child processes to read through ``FUTUREFED_KEY_FILE``; removed with
-    the directory by :meth:`close` (or at the end of a ``with`` block)."""
+    the directory by :meth:`close` (or at the end of a ``with`` block).
+
+    A small reaper process removes the directory if this process is killed
+    before it can (fedrun or a host agent ended by SIGKILL): a key must not
+    outlive the run it was made for.
+    """
 
     def __init__(self, key: FederationKey) -> None:
         self.directory = tempfile.mkdtemp(prefix="futurefed-key-")  # mode 0700
         self.path = os.path.join(self.directory, "federation.key")
+        self._reaper: Optional["subprocess.Popen[bytes]"] = None
+        self._lifeline = -1
         try:
             key.save(self.path)
+            self._start_reaper()
         except BaseException:
             self.close()
             raise
 
+    def _start_reaper(self) -> None:
+        read_end, self._lifeline = os.pipe()  # not inherited by other children
+        try:
+            self._reaper = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _REAPER, self.directory],
+                stdin=read_end, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True,  # a Ctrl-C to our group must not end it first
+            )
+        finally:
+            os.close(read_end)
+
     def close(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
+        if self._lifeline != -1:
+            os.close(self._lifeline)
+            self._lifeline = -1
+        if self._reaper is not None:
+            self._reaper.wait()  # at once: it has nothing left to remove
+            self._reaper = None
 
     def __enter__(self) -> "KeyFile":
         return self

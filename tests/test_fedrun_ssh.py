@@ -54,12 +54,12 @@ sys.exit(int(os.environ.get("EXIT_WITH", "0")))
 """
 
 BLOCKING_PROGRAM = """\
-import sys
+import os, sys
 from futurefed import FederatedExecutor
 
 with FederatedExecutor() as executor:
     executor.map(abs, range(-100, 0))
-    print("ready", flush=True)
+    print("ready", os.environ["FUTUREFED_KEY_FILE"], flush=True)
     sys.stdin.read()
 """
 
@@ -187,8 +187,23 @@ def _start_blocking(cluster, tmp_path, *args):
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         cwd=str(tmp_path),
     )
-    assert process.stdout.readline() == "ready\n"
+    ready, key_file = process.stdout.readline().split()
+    assert ready == "ready"
+    process.key_dir = os.path.dirname(key_file)  # fedrun's copy of the key, for the program
     return process
+
+
+def processes_naming(text: str) -> list:
+    """The pids of the processes whose command line contains ``text``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    found.append(int(entry))
+        except (OSError, ValueError):
+            continue  # not a process, or gone meanwhile
+    return found
 
 
 CUT_PROGRAM = """\
@@ -284,6 +299,8 @@ def test_losing_the_programs_host_fails_fedrun_clearly(cluster, tmp_path):
 @pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGKILL"])
 def test_fedrun_ending_ends_every_remote_process(cluster, tmp_path, how):
     process = _start_blocking(cluster, tmp_path)
+    reapers = processes_naming(process.key_dir)  # they remove it if fedrun cannot
+    assert reapers, "no reaper watches fedrun's key directory"
     try:
         process.send_signal(getattr(signal, how))
         process.wait(GUARD)
@@ -298,6 +315,9 @@ def test_fedrun_ending_ends_every_remote_process(cluster, tmp_path, how):
         assert process.returncode == {"SIGINT": 130, "SIGTERM": 143}[how], err
     # with SIGKILL the ssh connections just drop: the agents see their stdin close
     assert_nothing_left(cluster, [pid for _, pid in procs.values()])
+    # and fedrun's own copy of the key goes even when fedrun is killed
+    assert wait_gone(reapers, GUARD) == []
+    assert not os.path.exists(process.key_dir)
 
 
 def workers_per_host(stderr: str) -> collections.Counter:

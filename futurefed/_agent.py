@@ -312,12 +312,17 @@ class Agent(threading.Thread):
         self.answered.set()
 
     def _on_started(self, message: p.Started) -> None:
-        for task_id in message.ids:
+        self._mark_running(message.ids)
+
+    def _mark_running(self, task_ids: List[int]) -> None:
+        for task_id in task_ids:
             future = self.pending.get(task_id)
             if future is not None and future.undecided():
                 future.set_running_or_notify_cancel()
 
     def _on_results(self, message: p.Results) -> None:
+        if message.started:
+            self._mark_running(message.started)
         for record in message.results:
             future = self.pending.pop(record.task_id, None)
             if future is None:

@@ -58,7 +58,7 @@ __all__ = [
 ]
 
 MAGIC = b"FF"
-VERSION = 1
+VERSION = 2
 DIGEST_SIZE = 16
 NO_INIT = bytes(DIGEST_SIZE)  # the init digest of a task whose executor has no initializer
 
@@ -82,6 +82,7 @@ _COUNT = struct.Struct("!I")
 _BATCH_PREFIX = struct.Struct("!II")  # number of blobs, number of tasks
 _TASK = struct.Struct(f"!Q{DIGEST_SIZE}s{DIGEST_SIZE}sI")  # id, fn digest, init digest, frames
 _RESULT = struct.Struct("!QBI")  # id, status, frames
+_RESULTS_PREFIX = struct.Struct("!III")  # records, started ids, credit
 _ID = struct.Struct("!Q")
 
 #: A frame as handed to or received from the socket layer: ``bytes``, a
@@ -399,17 +400,25 @@ class ResultRecord:
 @_register
 @dataclass(frozen=True)
 class Results(Message):
-    """Finished tasks, flowing back from worker to broker to origin."""
+    """A report on tasks, flowing back from worker to broker to origin:
+    the tasks that finished, those that ``started`` since the last report
+    (as a STARTED would say), and, from a worker, ``credit`` for more tasks
+    (as a CREDIT would). One message instead of three is one wake-up of the
+    broker instead of three when a task ends and the next one starts."""
 
     command = Command.RESULTS
     results: List[ResultRecord] = field(default_factory=list)
+    started: List[int] = field(default_factory=list)
+    credit: int = 0
 
     def encode_body(self) -> List[Frame]:
-        index = [_COUNT.pack(len(self.results))]
+        index = [_RESULTS_PREFIX.pack(len(self.results), len(self.started), self.credit)]
         frames: List[Frame] = [b""]
         for result in self.results:
             index.append(_RESULT.pack(result.task_id, result.status, len(result.frames)))
             frames.extend(result.frames)
+        if self.started:
+            index.append(struct.pack(f"!{len(self.started)}Q", *self.started))
         frames[0] = b"".join(index)
         return frames
 
@@ -418,14 +427,18 @@ class Results(Message):
         if not frames:
             raise RemoteProtocolError("Results: missing index frame")
         index = _as_bytes(frames[0])
-        if len(index) < _COUNT.size:
+        if len(index) < _RESULTS_PREFIX.size:
             raise RemoteProtocolError("Results: index frame too short")
-        (count,) = _COUNT.unpack_from(index)
-        if len(index) != _COUNT.size + count * _RESULT.size:
-            raise RemoteProtocolError("Results: index size does not match its count")
+        count, n_started, credit = _RESULTS_PREFIX.unpack_from(index)
+        if n_started > MAX_IDS or credit > MAX_BATCH:
+            raise RemoteProtocolError("Results: too many started ids or too much credit")
+        records_end = _RESULTS_PREFIX.size + count * _RESULT.size
+        if len(index) != records_end + n_started * _ID.size:
+            raise RemoteProtocolError("Results: index size does not match its counts")
         cursor = 1
         results = []
-        for task_id, status, n_frames in _RESULT.iter_unpack(index[_COUNT.size :]):
+        records = index[_RESULTS_PREFIX.size : records_end]
+        for task_id, status, n_frames in _RESULT.iter_unpack(records):
             known = _STATUSES.get(status)
             if known is None:
                 raise RemoteProtocolError(f"Results: unknown status {status}")
@@ -436,7 +449,8 @@ class Results(Message):
             cursor += n_frames
         if cursor != len(frames):
             raise RemoteProtocolError(f"Results: {len(frames) - cursor} stray frames")
-        return cls(results)
+        started = [task_id for (task_id,) in _ID.iter_unpack(index[records_end:])]
+        return cls(results, started, credit)
 
 
 @dataclass(frozen=True)

@@ -436,13 +436,27 @@ def test_started_is_mapped_back(fed):
     assert fed.pump() == []
 
 
-def test_started_comes_before_results_in_one_pump(fed):
-    fed.submit(b"o", [task(1)], BLOBS)
-    (t,) = dispatch(fed, b"w", 1)
-    fed.send(b"w", p.Started([t.task_id]))
-    fed.results(b"w", ok(t.task_id))
+def test_started_rides_with_results_in_one_pump(fed):
+    fed.submit(b"o", [task(1), task(2)], BLOBS)
+    first, second = dispatch(fed, b"w", 2)
+    fed.send(b"w", p.Started([first.task_id]))
+    fed.results(b"w", ok(first.task_id))
+    fed.send(b"w", p.Started([second.task_id]))
     out = fed.pump()
-    assert [type(m) for _, m in out] == [p.Started, p.Results]
+    assert out == [(b"o", p.Results([ok(1)], [1, 2]))]
+
+
+def test_one_worker_report_carries_results_start_notices_and_credit(fed):
+    """What a worker sends when a task ends and the next starts: one RESULTS."""
+    fed.submit(b"o", [task(1), task(2), task(3)], BLOBS)
+    first, second = dispatch(fed, b"w", 2)
+    fed.send(b"w", p.Results([ok(first.task_id)], [second.task_id], 1))
+    out = fed.pump()
+    assert [ident for ident, _ in out] == [b"w", b"o"]
+    (third,) = out[0][1].tasks  # the credit brought the next task
+    assert third.frames == task(3).frames
+    assert out[1][1] == p.Results([ok(1)], [2])
+    assert fed.load()["running"] == 2 and fed.load()["done"] == 1
 
 
 def test_worker_reporting_unknown_task_ids_is_ignored(fed):
@@ -1296,16 +1310,22 @@ class BrokerMachine(RuleBasedStateMachine):
             w.to_kill.add(bid)
 
     def got_Started(self, ident, message):
+        self.saw_started(ident, message.ids)
+
+    def saw_started(self, ident, ids):
         sim = self.live_origin(ident)
         assert sim is not None, f"STARTED to departed origin {ident}"
-        assert set(message.ids) <= sim.submitted
-        for tid in message.ids:  # never after the task's RESULTS
+        assert set(ids) <= sim.submitted
+        for tid in ids:  # never after the task's RESULTS
             sub = self.subs[(ident, tid)]
             assert not sub.answered, f"STARTED after RESULTS for {tid}"
             assert sub.handed_out, f"STARTED for {tid}, which no worker has had"
             sub.cancel_asked = False  # refused, or answered by a worker's notice
 
     def got_Results(self, ident, message):
+        assert message.credit == 0, "credit sent to an origin"
+        if message.started:  # they come first, as a STARTED before it would
+            self.saw_started(ident, message.started)
         sim = self.live_origin(ident)
         assert sim is not None, f"RESULTS to departed origin {ident}"
         for record in message.results:
@@ -1608,10 +1628,12 @@ class BrokerMachine(RuleBasedStateMachine):
         raced=st.booleans(),
         kind=st.sampled_from(["bytes", "zmq"]),
         then=st.sampled_from(["nothing", "pump", "origin leaves"]),
+        credit=st.integers(0, 3),
     )
-    def worker_results(self, data, error, bogus, raced, kind, then):
+    def worker_results(self, data, error, bogus, raced, kind, then, credit):
         """A worker answers some tasks it holds. One it was told to CANCEL it
-        answers CANCELLED, unless ``raced``: it had started it already."""
+        answers CANCELLED, unless ``raced``: it had started it already. Its
+        RESULTS may also say that others started, and ask for more."""
         ident = data.draw(st.sampled_from(self.busy_workers()))
         w = self.workers[ident]
         bids = data.draw(st.lists(st.sampled_from(sorted(w.held)), min_size=1, unique=True))
@@ -1620,7 +1642,10 @@ class BrokerMachine(RuleBasedStateMachine):
         if bogus:
             records.append(p.ResultRecord(max(self.bids, default=0) + 1000, p.Status.OK, [b"bogus"]))
             records.append(p.ResultRecord(records[0].task_id, p.Status.OK, [b"repeat"]))
-        self.send(ident, p.Results(records), kind)
+        held = sorted(w.held)
+        started = data.draw(st.lists(st.sampled_from(held), unique=True)) if held else []
+        w.credit += credit
+        self.send(ident, p.Results(records, started, credit), kind)
         if then == "origin leaves":  # before its answer went out
             self.bye(self.held_origin)
         if then != "nothing":

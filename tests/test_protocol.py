@@ -51,9 +51,15 @@ def batch_index(n_blobs, n_tasks, digests=(), tasks=()):
     return raw + b"".join(TASK.pack(*t) for t in tasks)
 
 
-def results_index(count, records=()):
-    """A RESULTS index frame; ``records`` are (id, status, n_frames)."""
-    return struct.pack("!I", count) + b"".join(RESULT.pack(*r) for r in records)
+def results_index(count, records=(), started=(), n_started=None, credit=0):
+    """A RESULTS index frame; ``records`` are (id, status, n_frames),
+    ``started`` ids (``n_started`` of them, unless said otherwise)."""
+    n_started = len(started) if n_started is None else n_started
+    return (
+        struct.pack("!III", count, n_started, credit)
+        + b"".join(RESULT.pack(*r) for r in records)
+        + b"".join(struct.pack("!Q", i) for i in started)
+    )
 
 
 def sample_messages():
@@ -72,7 +78,9 @@ def sample_messages():
             [
                 p.ResultRecord(1, p.Status.OK, [b"value", b"oob"]),
                 p.ResultRecord(2, p.Status.ERROR, [b"exc"]),
-            ]
+            ],
+            [3, 4],
+            2,
         ),
         p.Started([1, 2, 3]),
         p.Cancel([4, 5]),
@@ -128,6 +136,9 @@ def test_every_command_has_a_sample():
         p.Results([p.ResultRecord(9, p.Status.CANCELLED, [])]),
         p.Results([p.ResultRecord(i, s, [b"f"] * i) for i, s in enumerate(p.Status)]),
         p.Results([p.ResultRecord(1, p.Status.REJECTED, ["no blob".encode()])]),
+        p.Results([], [1, 2**64 - 1]),
+        p.Results([], [], p.MAX_BATCH),
+        p.Results([p.ResultRecord(5, p.Status.CANCELLED, [])], [6], 1),
         p.Started([]),
         p.Started([0, 2**64 - 1]),
         p.Cancel([]),
@@ -204,7 +215,9 @@ def _as_plain(message):
         )
     if isinstance(message, p.Results):
         return p.Results(
-            [p.ResultRecord(r.task_id, r.status, [bytes(f) for f in r.frames]) for r in message.results]
+            [p.ResultRecord(r.task_id, r.status, [bytes(f) for f in r.frames])
+             for r in message.results],
+            message.started, message.credit,
         )
     return message
 
@@ -346,6 +359,31 @@ HOSTILE = [
     ("results-no-index", [H(p.Command.RESULTS)]),
     ("results-index-empty", [H(p.Command.RESULTS), b""]),
     ("results-index-too-short", [H(p.Command.RESULTS), b"\x00\x00\x00"]),
+    ("results-index-version-1", [H(p.Command.RESULTS), struct.pack("!I", 0)]),
+    ("results-index-no-credit", [H(p.Command.RESULTS), struct.pack("!II", 0, 0)]),
+    (
+        "results-started-count-claims-more",
+        [H(p.Command.RESULTS), results_index(0, started=[1], n_started=2)],
+    ),
+    (
+        "results-started-count-claims-fewer",
+        [H(p.Command.RESULTS), results_index(0, started=[1, 2], n_started=1)],
+    ),
+    ("results-started-id-cut-short", [H(p.Command.RESULTS), results_index(0, started=[1])[:-1]]),
+    ("results-huge-started-count", [H(p.Command.RESULTS), results_index(0, n_started=2**32 - 1)]),
+    (
+        "results-credit-over-the-limit",
+        [H(p.Command.RESULTS), results_index(0, credit=p.MAX_BATCH + 1)],
+    ),
+    ("results-credit-2**32-1", [H(p.Command.RESULTS), results_index(0, credit=2**32 - 1)]),
+    (
+        "results-started-before-records",
+        [
+            H(p.Command.RESULTS),
+            struct.pack("!III", 1, 1, 0) + struct.pack("!Q", 9) + RESULT.pack(1, 0, 1),
+            b"v",
+        ],
+    ),
     ("results-index-one-byte-long", [H(p.Command.RESULTS), results_index(0) + b"\x00"]),
     (
         "results-index-one-byte-short",
@@ -654,7 +692,8 @@ messages = st.one_of(
     batches.map(lambda b: p.Submit(*b)),
     batches.map(lambda b: p.Tasks(*b)),
     st.builds(p.Credit, st.integers(0, p.MAX_BATCH)),
-    st.builds(p.Results, st.lists(result_records, max_size=5)),
+    st.builds(p.Results, st.lists(result_records, max_size=5), st.lists(ids, max_size=8),
+              st.integers(0, p.MAX_BATCH)),
     st.builds(p.Started, st.lists(ids, max_size=8)),
     st.builds(p.Cancel, st.lists(ids, max_size=8)),
     st.builds(p.Kill, st.lists(ids, max_size=8)),
@@ -705,6 +744,10 @@ plausible_index = st.one_of(
         st.binary(max_size=120),
     ),
     st.builds(lambda n, rest: struct.pack("!I", n) + rest, st.integers(0, 4), st.binary(max_size=60)),
+    st.builds(
+        lambda n, k, c, rest: struct.pack("!III", n, k, c) + rest,
+        st.integers(0, 4), st.integers(0, 4), st.integers(0, 2**32 - 1), st.binary(max_size=80),
+    ),
     st.builds(lambda n: struct.pack("!I", n), st.integers(0, 2**32 - 1)),
 )
 

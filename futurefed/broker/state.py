@@ -334,22 +334,34 @@ class BrokerState:
             self.queued += 1
 
     def _on_credit(self, ident: bytes, message: p.Credit) -> None:
+        self._add_credit(ident, message.count)
+
+    def _add_credit(self, ident: bytes, count: int) -> None:
         peer = self.peers[ident]
         if peer.role == BROKER:  # a request for work, answered in the next pump
-            peer.credit = message.count
+            peer.credit = count
             peer.answer_due = True
             if peer.credit > 0:
                 self.ready[ident] = peer
             return
         if peer.role != WORKER:
-            raise RemoteProtocolError("CREDIT from a non-worker")
-        peer.credit += message.count
+            raise RemoteProtocolError("credit from a non-worker")
+        peer.credit += count
         if peer.credit > 0:
             self.ready[ident] = peer
 
     def _on_results(self, ident: bytes, message: p.Results) -> None:
+        """Start notices first, as a STARTED before the RESULTS would be;
+        then the records; then the credit, as a CREDIT after them would be."""
+        if message.started:
+            self._mark_started(ident, message.started)
+        self._take_results(ident, message.results)
+        if message.credit:
+            self._add_credit(ident, message.credit)
+
+    def _take_results(self, ident: bytes, records: List[p.ResultRecord]) -> None:
         peer = self.peers[ident]
-        for record in message.results:
+        for record in records:
             bid = record.task_id
             task = peer.inflight.pop(bid, None)
             if task is None or task.done or task.cancelled:
@@ -366,8 +378,11 @@ class BrokerState:
             self._results.setdefault(task.origin, []).append(record)
 
     def _on_started(self, ident: bytes, message: p.Started) -> None:
+        self._mark_started(ident, message.ids)
+
+    def _mark_started(self, ident: bytes, bids: List[int]) -> None:
         inflight = self.peers[ident].inflight
-        for bid in message.ids:
+        for bid in bids:
             task = inflight.get(bid)
             if (
                 task is not None and not (task.cancelled or task.done)
@@ -783,12 +798,15 @@ class BrokerState:
             if peer.cancels:
                 self._send(ident, p.Cancel(peer.cancels))
                 peer.cancels = []
-        for origin, ids in self._started.items():
-            self._send(origin, p.Started(ids))
-        self._started.clear()
-        for origin, results in self._results.items():
-            self._send(origin, p.Results(results))
-        self._results.clear()
+        # one message per origin: its start notices ride with its results
+        started, results = self._started, self._results
+        for origin, ids in started.items():
+            if origin not in results:
+                self._send(origin, p.Started(ids))
+        for origin, records in results.items():
+            self._send(origin, p.Results(records, started.get(origin, [])))
+        started.clear()
+        results.clear()
         out, self._out = self._out, []
         return out
 

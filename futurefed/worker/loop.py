@@ -48,7 +48,7 @@ from .. import protocol as p
 from .. import serialize
 from .._future import CANCEL_TIMEOUT, TaskFuture
 from .._versions import local_versions
-from .._sockets import drain, send_nowait, task_socket
+from .._sockets import drain, readable, send_nowait, task_socket
 from ..security import (
     HANDSHAKE_EVENTS, FederationKey, describe_handshake_failure, make_client, monitor_socket,
 )
@@ -169,6 +169,7 @@ class Worker:
         self._sock_lock = threading.RLock()
         self._closed = threading.Event()
         self._watch = threading.Event()  # wakes the watchdog
+        self.watch_dozing = False  # the watchdog sleeps long: no task was running
         self.last_sent = self.last_heard = time.monotonic()
         self.ctx = context or zmq.Context.instance()
         self.hub = Hub()
@@ -177,7 +178,6 @@ class Worker:
         self.stopping = False
         # server side: tasks from the broker
         self.queue: "OrderedDict[int, p.TaskRecord]" = OrderedDict()
-        self.running = 0
         self._task_glets: Set[TaskGreenlet] = set()  # started in this session
         self.outstanding = 0  # credit granted to the broker, not yet used
         self.blobs: Dict[bytes, Any] = {}
@@ -187,6 +187,7 @@ class Worker:
         self.ewma: Optional[float] = None  # seconds per task, all functions
         self.durations: Dict[bytes, float] = {}  # seconds per task, by function
         self._results: List[p.ResultRecord] = []
+        self._started: List[int] = []  # broker ids of tasks started, to announce
         # stopping tasks (stopping.py)
         self._active: Dict[int, RunningTask] = {}  # broker id -> started, not finished
         self._to_stop: List[RunningTask] = []  # killed; stopped once the socket is free
@@ -257,7 +258,12 @@ class Worker:
         while not self.stopping:
             if self.search is not None and not self._step_search(time.monotonic()):
                 return
-            self._flush()
+            if not self.queue and (self.sock is None or not readable(self.sock)):
+                # Nothing to start: results go out now. Otherwise (tasks are
+                # queued, or the TASKS that came while a task ran wait on the
+                # socket) they leave with the next batch's STARTED and our
+                # credit, in one RESULTS (below): one wake-up of the broker.
+                self._flush()
             timeout = 0.0 if self.queue else self.hub.next_timeout()
             if timeout is None or timeout > self.heartbeat:
                 timeout = self.heartbeat
@@ -288,6 +294,7 @@ class Worker:
                 return
             self.hub.run_timers()
             self._start_tasks()
+            self._flush()
             self.hub.run_ready()
 
     # -- the connection: opening, losing, finding another broker ------------------------
@@ -460,7 +467,6 @@ class Worker:
         for glet in glets:
             if glet:  # started, and waiting in a park: end it there
                 glet.throw(greenlet.GreenletExit)
-        self.running = 0
         pending, self.pending = self.pending, {}
         lost = FederationLost(f"the broker at {self.address} was lost")
         for future in pending.values():
@@ -475,6 +481,7 @@ class Worker:
         self._to_stop, self._kills = [], []
         self._inbox.clear()  # what the watchdog read from the lost broker
         self._results, self._submits, self._submit_blobs, self._cancels = [], [], {}, []
+        self._started = []
         self._sent_blobs = set()  # the next broker has none of our blobs
         self.outstanding = 0
         return abandoned
@@ -560,13 +567,18 @@ class Worker:
                 self._to_stop.append(task)
 
     def _on_results(self, message: p.Results) -> None:
+        if message.started:
+            self._mark_running(message.started)
         for record in message.results:
             future = self.pending.pop(record.task_id, None)
             if future is not None:
                 resolve_future(future, record)
 
     def _on_started(self, message: p.Started) -> None:
-        for task_id in message.ids:
+        self._mark_running(message.ids)
+
+    def _mark_running(self, task_ids: List[int]) -> None:
+        for task_id in task_ids:
             future = self.pending.get(task_id)
             if future is not None and future.undecided():
                 future.set_running_or_notify_cancel()
@@ -591,31 +603,28 @@ class Worker:
                 break
             batch.append(record)
             planned += durations.get(record.fn, START_BATCH_SECONDS)
-        was_idle = not self._active
         announce = [r.task_id for r in batch if durations.get(r.fn, QUICK_SECONDS) >= QUICK_SECONDS]
-        if announce:
-            self._send(p.Started(announce))
+        self._started.extend(announce)  # sent by the flush before they run
         for record in batch:
             glet = self.hub.spawn(self._run_task, record, record)
             self._task_glets.add(glet)
             # announced as started: a KILL from now on stops it
             self._active[record.task_id] = RunningTask(record, glet)
-        if was_idle and announce:
-            # the watchdog watches closely while tasks run; quick ones (not
-            # announced either) are over before it would look
+        if announce and self.watch_dozing:
+            # the watchdog watches closely while tasks run, but it dozes
+            # while none does; quick ones (not announced either) are over
+            # before it would look
             self._watch.set()
 
     def _run_task(self, record: p.TaskRecord) -> None:
         session = self.session
         task = self._active[record.task_id]
         task.started = time.monotonic()
-        self.running += 1
         started = time.perf_counter()
         try:
             status, frames = self._call(record, task)
         finally:
             if session == self.session:
-                self.running -= 1
                 self._task_glets.discard(greenlet.getcurrent())
                 self._active.pop(record.task_id, None)
             if task.timer is not None:
@@ -812,14 +821,20 @@ class Worker:
         if self._kills:
             kills, self._kills = self._kills, []
             self._send(p.Kill(kills))
-        if self._results:
-            self._send(p.Results(self._results))
-            self._results = []
         target = self._target()
-        want = target - (len(self.queue) + self.running - self.hub.parked) - self.outstanding
+        # in hand: queued, and started but not parked (_active also holds the
+        # batch just started, whose greenlets have not run yet)
+        want = target - (len(self.queue) + len(self._active) - self.hub.parked) - self.outstanding
         # Ask in batches of half the target, unless we would otherwise run dry.
         if want >= max(1, target // 2) or (want > 0 and not self.queue and not self.outstanding):
             self.outstanding += want
+        else:
+            want = 0
+        if self._results or self._started:
+            # one RESULTS carries the results, the start notices and the credit
+            results, started, self._results, self._started = self._results, self._started, [], []
+            self._send(p.Results(results, started, want))
+        elif want:
             self._send(p.Credit(want))
 
     def _target(self) -> int:

@@ -153,8 +153,14 @@ class Watchdog(threading.Thread):
     def run(self) -> None:
         worker = self.worker
         while not worker._closed.is_set():
-            # woken early when tasks start on an idle worker (loop.py)
-            worker._watch.wait(self._interval())
+            # Woken early when tasks start while it dozes (loop.py). Dozing is
+            # said before _active is read: a task started after that read
+            # sees it and wakes us.
+            worker.watch_dozing = True
+            interval = self._interval()
+            worker.watch_dozing = interval > WATCH_TICK
+            worker._watch.wait(interval)
+            worker.watch_dozing = False
             worker._watch.clear()
             if worker._closed.is_set():
                 return

@@ -202,6 +202,12 @@ def make_thread_pool(workers: int) -> Executor:
     return ThreadPoolExecutor(max_workers=workers)
 
 
+def make_floor(workers: int) -> Executor:
+    from zmq_floor import FloorExecutor  # this directory; needs only pyzmq
+
+    return FloorExecutor(workers)
+
+
 @dataclass(frozen=True)
 class ExecutorKind:
     key: str
@@ -216,11 +222,12 @@ EXECUTOR_KINDS: dict[str, ExecutorKind] = {
         ExecutorKind("ppe", "ProcessPoolExecutor", make_process_pool),
         ExecutorKind("fedcurve", "futurefed+CurveZMQ", make_keyed_loopback),
         ExecutorKind("thread", "ThreadPoolExecutor", make_thread_pool),
+        ExecutorKind("floor", "ZeroMQ floor", make_floor),
     )
 }
-# ProcessPoolExecutor forks its workers (Linux default) on first use; create and
-# warm it before futurefed starts its threads and sockets in this process.
-CREATION_ORDER = ("ppe", "thread", "fed", "fedcurve")
+# ProcessPoolExecutor and the floor fork their workers; create and warm them
+# before futurefed starts its threads and sockets in this process.
+CREATION_ORDER = ("ppe", "thread", "floor", "fed", "fedcurve")
 DEFAULT_EXECUTORS = ("fed", "ppe")
 
 
@@ -498,14 +505,22 @@ def run_scenario(
 
 def fed_over_ppe(result: ScenarioResult, metric: Metric) -> float | None:
     """futurefed's median divided by ProcessPoolExecutor's (not oriented like ratio())."""
-    fed, ppe = result.median(metric, "fed"), result.median(metric, "ppe")
-    return fed / ppe if fed and ppe else None
+    return over_ppe(result, metric, "fed")
+
+
+def over_ppe(result: ScenarioResult, metric: Metric, key: str) -> float | None:
+    """``key``'s median divided by ProcessPoolExecutor's (not oriented like ratio())."""
+    value, ppe = result.median(metric, key), result.median(metric, "ppe")
+    return value / ppe if value and ppe else None
 
 
 def render_report(
     results: Iterable[ScenarioResult], keys: Sequence[str], notes: Sequence[str] = ()
 ) -> str:
+    floor = "floor" in keys and "ppe" in keys
     header = ["scenario", "unit", *(EXECUTOR_KINDS[k].label for k in keys), "ratio", "fed/ppe ×"]
+    if floor:
+        header += ["floor ratio", "floor/ppe ×"]
     rows = [header]
     errors: list[str] = []
     for result in results:
@@ -525,6 +540,11 @@ def render_report(
             else:
                 verdict = "ok" if multiple <= LATENCY_TARGET else "OVER"
                 row.append(f"{multiple:.2f}× {verdict}")
+            if floor:
+                ratio = result.ratio(metric, "floor", "ppe")
+                row.append("-" if ratio is None else f"{ratio:.2f}")
+                multiple = over_ppe(result, metric, "floor") if metric.is_latency else None
+                row.append("" if multiple is None else f"{multiple:.2f}×")
             rows.append(row)
         errors += [f"  {result.scenario.name}/{key}: {msg}" for key, msg in result.errors.items()]
     lines = [
@@ -534,6 +554,8 @@ def render_report(
         "ratio > 1.00 means futurefed is better (throughput: fed/ppe; latency and wall: ppe/fed).",
         f"fed/ppe ×: futurefed latency as a multiple of ProcessPoolExecutor's "
         f"(target ≤ {LATENCY_TARGET}×).",
+        *(["floor ratio, floor/ppe ×: the same for the ZeroMQ floor (futurefed's processes, "
+           "threads and hops, none of its work)."] if floor else []),
         *notes,
     ]
     if errors:
@@ -657,7 +679,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=comma_list(list(EXECUTOR_KINDS)),
         default=list(DEFAULT_EXECUTORS),
         metavar="NAME[,NAME]",
-        help="executors to compare: fed, ppe, thread, fedcurve (futurefed joined over TCP with a key, i.e. CurveZMQ) (default: fed,ppe)",
+        help="executors to compare: fed, ppe, thread, fedcurve (futurefed joined over TCP with"
+        " a key, i.e. CurveZMQ), floor (futurefed's processes, threads and ZeroMQ hops with none"
+        " of its work: benchmarks/zmq_floor.py) (default: fed,ppe)",
     )
     parser.add_argument("--json", type=Path, metavar="PATH", help="write raw samples and medians")
     parser.add_argument(

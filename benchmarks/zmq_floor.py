@@ -117,10 +117,18 @@ FLOOR_PREFETCH = 2
 _ID = struct.Struct("!Q")
 
 
+def _socket(ctx: Any, kind: int) -> Any:
+    """No high-water marks, as futurefed's: a ROUTER would drop results."""
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    return sock
+
+
 def _floor_broker(address: str, workers: int, ready: "multiprocessing.Queue[str]") -> None:
     """A ROUTER that queues tasks and hands them to workers by credit, and
     routes results back: futurefed's broker minus its state machine."""
-    router = zmq.Context().socket(zmq.ROUTER)
+    router = _socket(zmq.Context(), zmq.ROUTER)
     router.bind(address)
     ready.put("bound")
     credit: Dict[bytes, int] = {}
@@ -151,7 +159,7 @@ def _floor_broker(address: str, workers: int, ready: "multiprocessing.Queue[str]
 def _floor_worker(address: str) -> None:
     """A DEALER that runs each ``(fn, args, kwargs)`` it gets and sends the
     outcome back: futurefed's worker minus greenlets, caches and limits."""
-    dealer = zmq.Context().socket(zmq.DEALER)
+    dealer = _socket(zmq.Context(), zmq.DEALER)
     dealer.connect(address)
     dealer.send(b"H")
     while True:
@@ -225,7 +233,7 @@ class FloorExecutor(Executor):
     def _serve(self, address: str) -> None:
         wake = self._ctx.socket(zmq.PAIR)
         wake.connect(f"inproc://floor-{id(self)}")
-        dealer = self._ctx.socket(zmq.DEALER)
+        dealer = _socket(self._ctx, zmq.DEALER)
         dealer.connect(address)
         poller = zmq.Poller()
         poller.register(wake, zmq.POLLIN)

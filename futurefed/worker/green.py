@@ -192,6 +192,10 @@ class Hub:
             return None
         return max(0.0, self._timers[0][0] - self.clock())
 
+    def timer_due(self) -> bool:
+        """Whether :meth:`run_timers` has a timer to fire now."""
+        return bool(self._timers) and self._timers[0][0] <= self.clock()
+
     def run_timers(self) -> None:
         now = self.clock()
         while self._timers and self._timers[0][0] <= now:

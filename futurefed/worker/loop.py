@@ -258,7 +258,7 @@ class Worker:
         while not self.stopping:
             if self.search is not None and not self._step_search(time.monotonic()):
                 return
-            if not self.queue and (self.sock is None or not readable(self.sock)):
+            if not self.queue and not self._tasks_waiting():
                 # Nothing to start: results go out now. Otherwise (tasks are
                 # queued, or the TASKS that came while a task ran wait on the
                 # socket) they leave with the next batch's STARTED and our
@@ -279,6 +279,7 @@ class Worker:
                     self._drain()
                 self.stopper.unresolved.clear()  # the KILLs it read are handled now
             if self._to_stop:
+                self._flush()  # what ended goes out before stopped tasks unwind
                 self.stopper.stop_killed()
             if self.lifeline is not None and self.lifeline in events:
                 logger.info("worker %s: lifeline closed, exiting", self.name)
@@ -292,10 +293,18 @@ class Worker:
                     return
             if not self._check_silence():
                 return
+            if self.hub.timer_due():
+                self._flush()  # a timer may run task code (a time limit)
             self.hub.run_timers()
             self._start_tasks()
             self._flush()
             self.hub.run_ready()
+
+    def _tasks_waiting(self) -> bool:
+        """Whether messages wait on the socket (under its lock: the
+        watchdog may be reading or closing it)."""
+        with self._sock_lock:
+            return self.sock is not None and readable(self.sock)
 
     # -- the connection: opening, losing, finding another broker ------------------------
 

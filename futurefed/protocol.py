@@ -17,6 +17,7 @@ violation; callers log and drop the message.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import re
@@ -199,9 +200,14 @@ class _MetaMessage(Message):
 class Hello(_MetaMessage):
     """A peer introduces itself: ``role`` (``origin``, ``worker`` or
     ``broker``), ``name``, ``host`` and ``pid``; a broker adds its ``task``
-    and ``meta`` addresses."""
+    and ``meta`` addresses.
+
+    HELLO and REFUSE are the same in every protocol version, so that peers
+    of different versions can still meet and part: ``version`` is the
+    protocol version in the header, which is accepted whatever it is."""
 
     command = Command.HELLO
+    version: int = VERSION
 
 
 def is_endpoint(value: Any) -> bool:
@@ -257,10 +263,13 @@ class Welcome(_MetaMessage):
 @_register
 @dataclass(frozen=True)
 class Refuse(Message):
-    """The broker refused a HELLO, saying why."""
+    """The broker refused a HELLO, saying why; ``version`` is the protocol
+    version of its header: a broker refuses a peer of another version in
+    that peer's version, which is all the peer can read (see Hello)."""
 
     command = Command.REFUSE
     reason: str = ""
+    version: int = VERSION
 
     def encode_body(self) -> List[Frame]:
         reason = self.reason.encode("utf-8")
@@ -607,24 +616,42 @@ def _worker_exit_problem(
 
 def encode(message: Message) -> List[Frame]:
     """The frames of ``message``, header first."""
-    return [_HEADER_OF[message.command], *message.encode_body()]
+    version = getattr(message, "version", VERSION)  # HELLO and REFUSE may say another
+    if version == VERSION:
+        header = _HEADER_OF[message.command]
+    elif isinstance(version, int) and 0 < version < 256:
+        header = _HEADER.pack(MAGIC, version, message.command)
+    else:
+        raise LocalProtocolError(f"protocol version {version!r} is not one byte from 1 to 255")
+    return [header, *message.encode_body()]
 
 
 def decode_header(frame: Frame) -> Command:
     """The command of a header frame, checking magic and protocol version."""
+    command, version = _header(frame)
+    if version != VERSION:
+        raise RemoteProtocolError(f"protocol version {version}, this side speaks {VERSION}")
+    return command
+
+
+def _header(frame: Frame) -> "tuple[Command, int]":
+    """The command and protocol version of a header frame: a command of
+    this version, or HELLO or REFUSE of any (see :class:`Hello`)."""
     raw = _as_bytes(frame)
     known = _HEADERS.get(raw)
     if known is not None:
-        return known
+        return known, VERSION
     if len(raw) != _HEADER.size:
         raise RemoteProtocolError(f"header of {len(raw)} bytes, expected {_HEADER.size}")
     magic, version, command = _HEADER.unpack(raw)
     if magic != MAGIC:
         raise RemoteProtocolError(f"not a futurefed message (magic {magic!r})")
-    if version != VERSION:
+    if version == 0:
+        raise RemoteProtocolError("protocol version 0")
+    if version != VERSION and command not in _ANY_VERSION:
         raise RemoteProtocolError(f"protocol version {version}, this side speaks {VERSION}")
     try:
-        return Command(command)
+        return Command(command), version
     except ValueError:
         raise RemoteProtocolError(f"unknown command {command}") from None
 
@@ -648,7 +675,14 @@ def decode(frames: Sequence[Frame]) -> Message:
     """The message in ``frames`` (header first); raises RemoteProtocolError."""
     if not frames:
         raise RemoteProtocolError("empty message")
-    command = decode_header(frames[0])
-    return _REGISTRY[command].decode_body(frames[1:])
+    command, version = _header(frames[0])
+    message = _REGISTRY[command].decode_body(frames[1:])
+    if version != VERSION:  # a HELLO or REFUSE of another version
+        message = dataclasses.replace(message, version=version)
+    return message
+
+
+#: Commands whose messages every protocol version writes alike.
+_ANY_VERSION = frozenset({Command.HELLO, Command.REFUSE})
 
 

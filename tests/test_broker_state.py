@@ -5,6 +5,7 @@ decoded and checked."""
 from __future__ import annotations
 
 import json
+import struct
 import sys
 from collections import Counter
 
@@ -1938,3 +1939,21 @@ def test_a_peer_with_our_versions_is_welcomed(broker):
 
     broker.send(b"peer", p.Hello({"role": "worker", "versions": local_versions()}))
     assert isinstance(only(broker.pump(), b"peer"), p.Welcome)
+
+
+@pytest.mark.parametrize("version", [1, p.VERSION + 1, 255])
+def test_a_peer_of_another_protocol_version_is_refused_in_its_own(broker, version):
+    """Its HELLO is read whatever the version; the REFUSE is written in the
+    peer's version, the only one it can read."""
+    broker.send(b"old", p.Hello({"role": "worker", "name": "w"}, version))
+    broker.send(b"older", p.Hello({"role": "worker", "versions": {"protocol": str(version)}},
+                                  version))
+    out = broker.state.pump()
+    assert [ident for ident, _ in out] == [b"old", b"older"]
+    for ident, frames in out:
+        assert bytes(frames[0]) == struct.pack("!2sBB", p.MAGIC, version, p.Command.REFUSE)
+        refuse = p.decode(frames)
+        assert refuse.version == version
+        assert f"the peer has protocol {version}" in refuse.reason
+        assert f"this broker has protocol {p.VERSION}" in refuse.reason
+        assert ident not in broker.state.peers

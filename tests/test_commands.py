@@ -186,3 +186,35 @@ def test_origin_of_another_version_is_refused_with_both_versions(broker, monkeyp
         f"refused us: version mismatch: the peer has cloudpickle 0.1;"
         f" this broker has cloudpickle {ours['cloudpickle']}"
     ) in str(caught.value)
+
+
+def test_a_peer_of_an_older_protocol_is_refused_in_words_it_can_read(broker):
+    """A peer of protocol version 1 (futurefed 0.1) says HELLO in version 1;
+    the broker answers REFUSE in version 1, naming both versions."""
+    import json
+    import struct
+
+    import zmq
+
+    import futurefed
+    from futurefed import protocol as p
+    from futurefed._versions import local_versions
+
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    try:
+        dealer.connect(broker)
+        versions = {**local_versions(), "protocol": "1", "futurefed": "0.1.0"}
+        hello = {"role": "worker", "name": "old", "versions": versions}
+        dealer.send_multipart([struct.pack("!2sBB", b"FF", 1, 1), json.dumps(hello).encode()])
+        assert dealer.poll(GUARD * 1000), "no answer to an old HELLO"
+        header, reason = dealer.recv_multipart()
+        assert header == struct.pack("!2sBB", b"FF", 1, p.Command.REFUSE)
+        assert reason.decode() == (
+            f"version mismatch: the peer has protocol 1, futurefed 0.1.0;"
+            f" this broker has protocol {p.VERSION}, futurefed {futurefed.__version__}"
+        )
+    finally:
+        dealer.close()
+        ctx.term()

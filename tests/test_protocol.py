@@ -4,6 +4,7 @@ with RemoteProtocolError, never with any other exception."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 
@@ -112,6 +113,37 @@ def test_roundtrip_every_message_type(message):
 
 def test_every_command_has_a_sample():
     assert {m.command for m in SAMPLES} == set(p.Command)
+
+
+@pytest.mark.parametrize("version", [1, p.VERSION + 1, 255])
+@pytest.mark.parametrize(
+    "message", [p.Hello({"role": "worker", "versions": {"protocol": "1"}}), p.Refuse("no")],
+    ids=["HELLO", "REFUSE"],
+)
+def test_hello_and_refuse_of_any_version_are_read_and_keep_it(message, version):
+    other = dataclasses.replace(message, version=version)
+    frames = p.encode(other)
+    assert bytes(frames[0]) == header(message.command, version=version)
+    decoded = p.decode(frames)
+    assert decoded == other and decoded.version == version
+    assert decoded != message  # the version is part of the message
+
+
+@pytest.mark.parametrize(
+    "command", [c for c in p.Command if c not in (p.Command.HELLO, p.Command.REFUSE)],
+    ids=lambda c: c.name,
+)
+def test_other_commands_of_another_version_are_rejected(command):
+    message = next(m for m in SAMPLES if m.command is command)
+    frames = [header(command, version=p.VERSION - 1), *p.encode(message)[1:]]
+    with pytest.raises(RemoteProtocolError, match=f"protocol version {p.VERSION - 1}"):
+        p.decode(frames)
+
+
+@pytest.mark.parametrize("version", [0, 256, -1, "2"])
+def test_hello_of_an_impossible_version_is_not_sent(version):
+    with pytest.raises(LocalProtocolError):
+        p.encode(p.Hello({}, version))
 
 
 @pytest.mark.parametrize(

@@ -269,15 +269,20 @@ class BrokerState:
         return repr(peer) if peer is not None else f"unknown peer {ident.hex()}"
 
     def _on_hello(self, ident: bytes, message: p.Hello) -> None:
+        # A peer of another protocol version can read only a REFUSE in its own.
+        theirs = message.version
+        why = mismatch(message.meta.get("versions"))
+        if why is None and theirs != p.VERSION:
+            why = (f"version mismatch: the peer has protocol {theirs};"
+                   f" this broker has protocol {p.VERSION}")
+        if why is not None:
+            self._send(ident, p.Refuse(why, theirs))
+            raise RemoteProtocolError(f"HELLO refused: {why}")
         role = message.meta.get("role")
         if role not in ROLES:
             shown = repr(role)[:80]
             self._send(ident, p.Refuse(f"unknown role {shown}"))
             raise RemoteProtocolError(f"HELLO with unknown role {shown}")
-        why = mismatch(message.meta.get("versions"))
-        if why is not None:
-            self._send(ident, p.Refuse(why))
-            raise RemoteProtocolError(f"HELLO refused: {why}")
         peer = Peer(ident, message.meta, self.clock())
         if role == BROKER:
             if peer.task_address is None or peer.task_address == self.address:

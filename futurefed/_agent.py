@@ -98,6 +98,8 @@ class Agent(threading.Thread):
         self._sent_blobs: Set[bytes] = set()
         #: Set once the broker answered our HELLO (welcomed or refused us).
         self.answered = threading.Event()
+        #: A weak reference to the executor that stops us when it goes.
+        self.owner: Optional["weakref.ref[Any]"] = None
         self._handlers: Dict[p.Command, Callable[[Any], None]] = {
             p.Command.WELCOME: self._on_welcome,
             p.Command.REFUSE: self._on_refuse,
@@ -114,9 +116,23 @@ class Agent(threading.Thread):
         """A new future for a task that the agent will send."""
         task_id = next(self._ids)
         future = TaskFuture(task_id, self)
-        self._commands.append((_SUBMIT, task_id, future, fn, init, frames))
-        self._wake()
+        with self._wake_lock:
+            # Appended while the thread runs, a command is taken by it or,
+            # if the thread is on its way out, failed by it (run()).
+            if self._wake_tx is None:
+                raise self._ended_error()
+            self._commands.append((_SUBMIT, task_id, future, fn, init, frames))
+            self._wake_locked()
         return future
+
+    def _ended_error(self) -> Exception:
+        """What a submission to an agent whose thread has ended raises."""
+        broken = self.shared.broken
+        if broken is not None:
+            error = type(broken)(*broken.args)
+            error.__cause__ = broken.__cause__
+            return error
+        return RuntimeError("cannot schedule new futures after shutdown")
 
     def cancel_futures(self, fs: Sequence[TaskFuture], force: bool = False) -> None:
         """Ask the broker to cancel ``fs`` and wait until it has answered for
@@ -155,10 +171,13 @@ class Agent(threading.Thread):
 
     def _wake(self) -> None:
         with self._wake_lock:
-            if self._woken or self._wake_tx is None:
-                return
-            self._woken = True
-            self._wake_tx.send(b"")
+            self._wake_locked()
+
+    def _wake_locked(self) -> None:
+        if self._woken or self._wake_tx is None:
+            return
+        self._woken = True
+        self._wake_tx.send(b"")
 
     # -- the thread ------------------------------------------------------------------
 
@@ -189,6 +208,9 @@ class Agent(threading.Thread):
             with self._wake_lock:
                 self._wake_tx.close()
                 self._wake_tx = None
+                left = list(self._commands)  # queued after the last turn took them
+                self._commands.clear()
+            self._fail_submissions(left)
             with self._cancel_answered:
                 self._ended = True
                 self._cancel_answered.notify_all()
@@ -221,6 +243,8 @@ class Agent(threading.Thread):
             self._take_commands()
             if self._dealer in events:
                 self._drain()
+                if self._commands:  # a done-callback's cancel(): send it now
+                    self._take_commands()
             if self._cancel_waiters:
                 with self._cancel_answered:
                     self._cancel_answered.notify_all()
@@ -238,6 +262,15 @@ class Agent(threading.Thread):
                     f"the broker at {self.address} has been silent for {silent:.1f} s"
                 ))
                 return
+
+    def _fail_submissions(self, commands: List[Tuple[Any, ...]]) -> None:
+        """Fail the futures of SUBMIT commands the thread will never send."""
+        for command in commands:
+            if command[0] == _SUBMIT:
+                try:
+                    command[2].set_exception(self._ended_error())
+                except futures.InvalidStateError:
+                    pass  # cancelled by the user meanwhile
 
     def _take_commands(self) -> None:
         submits: List[p.TaskRecord] = []
@@ -323,15 +356,20 @@ class Agent(threading.Thread):
     def _on_results(self, message: p.Results) -> None:
         if message.started:
             self._mark_running(message.started)
+        failure: Optional[BrokenFederation] = None
         for record in message.results:
             future = self.pending.pop(record.task_id, None)
             if future is None:
                 continue
             if record.status is p.Status.INIT_FAILED:
+                # broken, but the results that came with it are the users'
                 self.pending[record.task_id] = future
-                self._break(initializer_failure(record.frames))
-                return
+                if failure is None:
+                    failure = initializer_failure(record.frames)
+                continue
             resolve_future(future, record, self._exit_info)
+        if failure is not None:
+            self._break(failure)
 
     def _break(self, error: BrokenFederation) -> None:
         """Fail every pending future with ``error``; later submits raise it."""
@@ -346,7 +384,11 @@ class Agent(threading.Thread):
                 pass  # cancelled or finished by the user meanwhile
 
 
-def watch_executor(executor: Any, agent: Agent) -> "weakref.ref[Any]":
-    """Stop ``agent`` once ``executor`` is garbage-collected (the callback
-    must not keep the executor alive, so it closes over the agent only)."""
-    return weakref.ref(executor, lambda _: agent.stop())
+def watch_executor(executor: Any, agent: Agent) -> None:
+    """Stop ``agent`` once ``executor`` is garbage-collected.
+
+    The weak reference is kept by the agent, not by the executor: CPython
+    calls no callback of a weak reference that is itself garbage, as one
+    held by an executor in a reference cycle would be. The callback closes
+    over the agent only, so that it keeps no executor alive."""
+    agent.owner = weakref.ref(executor, lambda _: agent.stop())

@@ -11,14 +11,17 @@ Data flow (origin side; see docs/architecture.md for the whole picture)::
 
 What happens when ``submit(fn, *args)`` is called:
 
-1. The arguments are pickled at once (cloudpickle, protocol 5, large buffers
-   out-of-band), so an unpicklable argument raises here, in the caller.
+1. The arguments are pickled at once (cloudpickle, protocol 5), so an
+   unpicklable argument raises here, in the caller. Large buffers stay
+   out-of-band: they are sent from where they lie, without a copy, so the
+   caller must leave them unchanged until the future is done.
    ``fn`` is pickled once per executor and named by a digest afterwards.
 2. A plain ``concurrent.futures.Future`` is created and the task is handed to
    the agent thread, which alone owns the socket; it sends every task queued
    since it last woke in one SUBMIT message.
 3. The broker queues the task and hands it to a worker that has credit. The
-   worker announces a task (STARTED) before it runs it. Only tasks of
+   worker announces a task (a start notice, which the broker forwards)
+   before it runs it. Only tasks of
    functions that recently finished in under 0.2 ms on that worker go
    unannounced: their result arrives about as soon as the notice would.
    ``cancel()`` asks the broker, which cancels the task if it is still
@@ -231,7 +234,7 @@ class FederatedExecutor(futures.Executor):
                       heartbeat=config.heartbeat_from_environ(), key=key)
         agent.start()
         _live_agents.add(agent)
-        self._watch = watch_executor(self, agent)
+        watch_executor(self, agent)
         if federation is None:  # joining: fail here, not in every result()
             if not agent.answered.wait(CONNECT_TIMEOUT):
                 agent.stop()
@@ -328,25 +331,16 @@ class FederatedExecutor(futures.Executor):
     def _results(
         fs: "List[futures.Future[Any]]", end_time: Optional[float], chunked: bool
     ) -> Iterator[Any]:
-        # As the stdlib's: pop each future once consumed so that nothing
-        # keeps finished results alive, and cancel the rest on early exit.
+        # As the stdlib's: pop each future once consumed and name neither it
+        # nor its result while suspended, so that nothing keeps a result the
+        # caller has dropped alive; cancel the rest on early exit.
         try:
             fs.reverse()
             while fs:
-                future = fs.pop()
-                try:
-                    if end_time is None:
-                        value = future.result()
-                    else:
-                        value = future.result(end_time - time.monotonic())
-                except BaseException:
-                    fs.append(future)  # cancelled with the rest, below
-                    raise
                 if chunked:
-                    yield from chunk_results(value)
+                    yield from chunk_results(_next_result(fs, end_time))
                 else:
-                    yield value
-                del future, value
+                    yield _next_result(fs, end_time)
         finally:
             cancel_all(fs)
 
@@ -395,21 +389,21 @@ class FederatedExecutor(futures.Executor):
             raise TypeError(f"{type(fn).__name__!r} object is not callable")
         function = self._function(fn)
         with self._shared.lock:
-            if self._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
+            # checked again under the lock that shutdown() and a break take
+            self._check_open()
             if view is not None and view._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown of this view")
             future = self._transport.submit(function, self._init, frames)
             self._pending.add(future)
             if view is not None:
                 view._pending.add(future)
-        future.add_done_callback(self._on_done)
+        # The set's method, not the executor's: a future, even a finished
+        # one (the stdlib never drops its callbacks), keeps no executor
+        # alive, and a collected executor stops its agent (watch_executor).
+        future.add_done_callback(self._pending.discard)
         if view is not None:
             future.add_done_callback(view._pending.discard)
         return future
-
-    def _on_done(self, future: "futures.Future[Any]") -> None:
-        self._pending.discard(future)
 
     def _function(self, fn: Callable[..., Any]) -> Tuple[bytes, bytes]:
         # Plain functions and partials are named by identity, so they are
@@ -422,6 +416,19 @@ class FederatedExecutor(futures.Executor):
             return cached
         return serialize.dump_function(fn)
 
+
+
+def _next_result(fs: "List[futures.Future[Any]]", end_time: Optional[float]) -> Any:
+    """The result of the last future of ``fs``, which is popped; one that
+    raises (or times out) goes back, to be cancelled with the rest."""
+    future = fs.pop()
+    try:
+        return future.result(None if end_time is None else end_time - time.monotonic())
+    except BaseException:
+        fs.append(future)
+        raise
+    finally:
+        del future  # the traceback of an error must not keep it alive
 
 
 class ExecutorView(futures.Executor):

@@ -59,9 +59,14 @@ def run_chunk(
 
 
 def chunk_results(outcome: ChunkResult) -> Iterable[Any]:
-    """Yield a chunk's results, then raise the error that cut it short."""
+    """Yield a chunk's results, then raise the error that cut it short.
+    Each result is let go once yielded, as the stdlib's ``map`` does."""
     results, exc, text = outcome
-    yield from results
+    del outcome
+    results = list(results)
+    results.reverse()
+    while results:
+        yield results.pop()
     if exc is not None:
         exc.__cause__ = RemoteTraceback(text)
         raise exc

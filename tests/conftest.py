@@ -203,3 +203,16 @@ def federation():
         yield fed
     finally:
         fed.close()
+
+
+@pytest.fixture
+def fake_broker():
+    """A test that plays the broker (``fakebroker.FakeBroker``), closed at
+    teardown."""
+    from fakebroker import FakeBroker
+
+    broker = FakeBroker()
+    try:
+        yield broker
+    finally:
+        broker.close()

@@ -973,6 +973,45 @@ def test_finished_map_arguments_and_results_are_not_kept_alive(executor):
     assert all(r() is None for r in result_refs)
 
 
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_map_lets_go_of_a_result_once_the_caller_drops_it(executor, chunksize):
+    results = executor.map(make_token, range(5), chunksize=chunksize, timeout=GUARD)
+    first = next(results)
+    ref = weakref.ref(first)
+    del first
+    gc.collect()
+    assert ref() is None, "map's iterator still holds a result it has handed out"
+    assert [token.value for token in results] == [1, 2, 3, 4]
+
+
+def _executor_dropped(make_cycle):
+    """Submit through an executor nothing else refers to, and return the
+    future and the executor's agent."""
+    import futurefed
+
+    executor = futurefed.FederatedExecutor(max_workers=1)
+    agent = executor._transport
+    future = executor.submit(power, 2, 3)
+    if make_cycle:
+        executor.cycle = executor
+    return future, agent
+
+
+@futurefed_only
+@pytest.mark.parametrize("make_cycle", [False, True], ids=["plain", "in-a-cycle"])
+def test_a_dropped_executor_ends_its_federation_though_its_future_lives(flavour, make_cycle):
+    """As with ProcessPoolExecutor, a future does not keep its executor
+    alive: once the executor is collected (even from a reference cycle), its
+    agent finishes the work and ends the embedded federation's processes."""
+    future, agent = _executor_dropped(make_cycle)
+    assert future.result(timeout=GUARD) == 8
+    gc.collect()
+    agent.join(GUARD)
+    assert not agent.is_alive(), "the agent of a collected executor is still running"
+    assert all(process.poll() is not None for process in agent.federation.processes)
+    assert future.result() == 8
+
+
 # --------------------------------------------------------------------------
 # Large payloads
 # --------------------------------------------------------------------------

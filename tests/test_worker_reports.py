@@ -7,48 +7,8 @@ from __future__ import annotations
 
 import time
 
-import pytest
-import zmq
-
-from fedprocs import GUARD, BrokerInfo
 from futurefed import protocol as p
 from futurefed import serialize
-
-
-class FakeBroker:
-    """A ROUTER on a random loopback port that speaks in messages."""
-
-    def __init__(self) -> None:
-        self.ctx = zmq.Context()
-        self.router = self.ctx.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.LINGER, 0)
-        self.port = self.router.bind_to_random_port("tcp://127.0.0.1")
-
-    @property
-    def info(self) -> BrokerInfo:
-        return BrokerInfo("fake", f"tcp://127.0.0.1:{self.port}", "", None)  # type: ignore[arg-type]
-
-    def receive(self) -> "tuple[bytes, p.Message]":
-        if not self.router.poll(GUARD * 1000):
-            raise AssertionError(f"the worker said nothing for {GUARD} s")
-        ident, *frames = self.router.recv_multipart()
-        return ident, p.decode(frames)
-
-    def send(self, ident: bytes, message: p.Message) -> None:
-        self.router.send_multipart([ident, *p.encode(message)])
-
-    def close(self) -> None:
-        self.router.close()
-        self.ctx.term()
-
-
-@pytest.fixture
-def fake_broker():
-    broker = FakeBroker()
-    try:
-        yield broker
-    finally:
-        broker.close()
 
 
 def sleeping_tasks(ids, seconds):

@@ -272,7 +272,7 @@ class Refuse(Message):
     version: int = VERSION
 
     def encode_body(self) -> List[Frame]:
-        reason = self.reason.encode("utf-8")
+        reason = self.reason.encode("utf-8", errors="replace")  # it may quote a peer's text
         if len(reason) > MAX_JSON_BYTES:
             reason = reason[: MAX_JSON_BYTES - 3] + b"..."
         return [reason]

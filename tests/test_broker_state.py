@@ -666,6 +666,21 @@ def test_kill_of_a_revoked_and_requeued_task_answers_at_once(fed):
     assert fed.load()["queued"] == 0
 
 
+def test_no_kill_for_a_task_whose_revoked_copy_answered_in_the_same_turn(fed):
+    """The KILL and the revoked copy's result cross: the result goes to the
+    origin, and the live copy is only cancelled (if it has not started),
+    never killed: killing it would replace its worker for nothing."""
+    bids, _ = stranded(fed, started=1)
+    fed.tick(REVOKE_AFTER * 2)
+    (moved,) = only(fed.pump(), b"w2", p.Tasks).tasks  # call-1 moved to w2
+    fed.send(b"o", p.Kill([1]))
+    fed.results(b"w", ok(bids[b"call-1"]))  # its revoked copy ran after all
+    out = fed.pump()
+    assert only(out, b"o", p.Results).results == [ok(1)]
+    assert not [m for _, m in out if isinstance(m, p.Kill)], out
+    assert only(out, b"w2", p.Cancel).ids == [moved.task_id]
+
+
 def test_stranded_killed_task_is_not_revoked(fed):
     bids, _ = stranded(fed, started=1)
     fed.send(b"o", p.Kill([1, 2]))  # both wait behind call-0
@@ -1939,6 +1954,13 @@ def test_a_peer_with_our_versions_is_welcomed(broker):
 
     broker.send(b"peer", p.Hello({"role": "worker", "versions": local_versions()}))
     assert isinstance(only(broker.pump(), b"peer"), p.Welcome)
+
+
+def test_a_refusal_quoting_a_peers_unencodable_text_is_still_sent(broker):
+    broker.send(b"peer", p.Hello({"role": "origin", "versions": {"protocol": "\ud800"}}))
+    refuse = only(broker.pump(), b"peer", p.Refuse)
+    assert "the peer has protocol ?" in refuse.reason
+    assert b"peer" not in broker.state.peers
 
 
 @pytest.mark.parametrize("version", [1, p.VERSION + 1, 255])

@@ -334,3 +334,89 @@ def test_a_kill_of_a_lent_task_reaches_the_borrowers_worker(pair):
     b.results(b"w", p.ResultRecord(given[b"call-2"], p.Status.CANCELLED, []))
     carry(b, a, [p.Results])
     assert only(a.pump(), b"o", p.Results).results == [p.ResultRecord(2, p.Status.CANCELLED, [])]
+
+
+# -- what a peer tells us cannot hurt us -------------------------------------------------
+
+
+def test_only_addresses_we_can_connect_to_are_learnt():
+    b = make("B", B_TASK, B_META)
+    b.state.on_load({"task": A_TASK, "meta": A_META, "seq": 1, "peers": [
+        {"task": "tcp://\ud800:1"},  # a lone surrogate: not even encodable
+        {"task": "bogus://x", "meta": "tcp://c:2"},
+        {"task": "tcp://c d:1"},
+        {"task": "tcp://ok:1", "meta": "tcp://\ud800:2"},
+        {"task": "ipc:///tmp/e"},
+    ]})
+    assert b.state.take_new_brokers() == [(A_TASK, A_META), ("tcp://ok:1", None),
+                                          ("ipc:///tmp/e", None)]
+
+
+def test_a_welcome_naming_a_bad_meta_address_is_ignored(pair):
+    a, b = pair
+    b.state.receive(LINK, p.encode(p.Welcome({"broker": "A", "meta": "bogus://x"})))
+    assert b.state.take_new_brokers() == []
+    assert b.state.peers[LINK].meta_address == A_META
+
+
+def test_at_most_max_peers_brokers_are_learnt():
+    from futurefed.broker.state import MAX_PEERS
+
+    b = make("B", B_TASK, B_META)
+    for round_ in range(3):
+        b.state.on_load({"task": A_TASK, "seq": round_, "peers": [
+            {"task": f"tcp://h{round_}-{i}:1"} for i in range(MAX_PEERS)
+        ]})
+    assert len(b.state.brokers) == MAX_PEERS
+    assert len(b.state.take_new_brokers()) == MAX_PEERS
+
+
+def test_a_load_fits_its_limit_however_long_the_names_it_lists():
+    """A LOAD lists as many peers and hosts as fit in MAX_JSON_BYTES: long
+    addresses and long non-ASCII host names (6 bytes each in JSON) too."""
+    from futurefed.broker.state import MAX_PEERS
+
+    b = make("B", B_TASK, B_META)
+    for i in range(MAX_PEERS):
+        b.state.learn(f"tcp://{'h' * 280}{i:03d}:1", f"tcp://{'m' * 280}{i:03d}:2")
+    for i in range(MAX_PEERS):
+        b.connect(b"w%d" % i, "worker", host="\u00e9" * 190 + f"{i:03d}")
+    meta = b.state.meta()
+    frames = p.encode(p.Load(meta))
+    assert len(bytes(frames[1])) <= p.MAX_JSON_BYTES
+    assert 0 < len(meta["peers"]) < MAX_PEERS and 0 < len(meta["hosts"]) < MAX_PEERS
+    assert meta["workers"] == MAX_PEERS  # the counts are whole
+
+
+# -- a lender that stays away --------------------------------------------------------------
+
+
+def test_a_lost_lender_is_greeted_less_and_less_often_and_its_link_reset():
+    """Lost, a lender is sent HELLO again after 3, 6, 12... heartbeats (at
+    most LINK_RETRY_MAX s), nothing in between, and each time the link's
+    DEALER is to be opened afresh so that nothing piles up for it; a word
+    from it makes it an ordinary peer again."""
+    from futurefed.broker.state import LINK_RETRY_MAX
+
+    b = Broker("B", heartbeat=1.0)
+    b.state.address, b.state.meta_address = B_TASK, B_META
+    b.state.add_link(LINK, A_TASK, A_META)
+    assert [type(m) for _, m in b.pump()] == [p.Hello]
+    hellos = []
+    for _ in range(int(400 / 0.25)):  # 400 s of silence, at the liveness tick
+        b.tick(0.25)
+        out = [m for _, m in b.pump()]
+        if not hellos and out == [p.Heartbeat()]:
+            continue  # not lost yet
+        assert all(isinstance(m, p.Hello) for m in out), out  # no heartbeat once lost
+        if out:
+            hellos.append(b.state.clock())
+            assert b.state.take_link_resets() == [LINK]
+        else:
+            assert b.state.take_link_resets() == []
+    gaps = [round(later - earlier) for earlier, later in zip([1000.0] + hellos, hellos)]
+    assert gaps[:6] == [3, 6, 12, 24, 48, LINK_RETRY_MAX]
+    assert set(gaps[5:]) == {LINK_RETRY_MAX}
+    b.state.receive(LINK, p.encode(p.Welcome({"broker": "A"})))
+    b.tick(1.0)
+    assert [type(m) for _, m in b.pump()] == [p.Heartbeat]  # an ordinary link again

@@ -34,7 +34,7 @@ from zmq.utils.monitor import parse_monitor_message
 from .. import protocol as p
 from .._sockets import drain, send_frames, send_nowait, task_socket
 from ..config import meta_address_for
-from ..errors import ConfigError, RemoteProtocolError
+from ..errors import ConfigError, LocalProtocolError, RemoteProtocolError
 from ..security import (
     REFUSAL_LOG_INTERVAL, FederationAuthenticator, FederationKey, make_client, make_server, monitor_socket,
 )
@@ -243,9 +243,26 @@ class Broker:
             self.state.add_link(ident, task, meta)
             logger.info("broker %s: linked to peer %s (meta %s)", self.name, task, meta)
 
+    def _reset_link(self, poller: zmq.Poller, ident: bytes) -> None:
+        """Close a lost peer's link, with what is queued on it, and open it anew."""
+        old = self.links.get(ident)
+        if old is None:
+            return
+        poller.unregister(old)
+        old.close(linger=0)
+        dealer = task_socket(self.ctx, zmq.DEALER, linger_ms=0)
+        make_client(dealer, self.key)
+        dealer.connect(ident[len(b"link:"):].decode())  # connected once: it is an address
+        self.links[ident] = dealer
+        poller.register(dealer, zmq.POLLIN)
+
     def _subscribe(self, meta: Optional[str]) -> None:
         if meta is not None and meta not in self.subscribed:
-            self.subscriber.connect(meta)
+            try:
+                self.subscriber.connect(meta)
+            except zmq.ZMQError as exc:  # a peer named a meta socket we cannot use
+                logger.warning("broker %s: cannot subscribe to %s: %s", self.name, meta, exc)
+                return
             self.subscribed.add(meta)
 
     def _take_load(self) -> None:
@@ -263,19 +280,27 @@ class Broker:
         since = now - self._published_at
         if not self.state.brokers:  # nobody acts on our load: the steady beat will do
             if since >= META_INTERVAL:
-                self.publisher.send_multipart(p.encode(p.Load(self.state.meta())))
+                self._send_load()
                 self._published_at = now
                 return META_INTERVAL
             return META_INTERVAL - since
         key = self.state.load_key()
         interval = self.state.publish_interval(META_INTERVAL)
         if since >= interval or (key != self._published_key and since >= META_MIN_INTERVAL):
-            self.publisher.send_multipart(p.encode(p.Load(self.state.meta())))
+            self._send_load()
             self._published_key, self._published_at = key, now
             return interval
         if key != self._published_key:
             return META_MIN_INTERVAL - since
         return interval - since
+
+    def _send_load(self) -> None:
+        try:
+            frames = p.encode(p.Load(self.state.meta()))
+        except LocalProtocolError as exc:  # a bug: the LOAD is kept within its limit
+            logger.error("broker %s: cannot publish its load: %s", self.name, exc)
+            return
+        self.publisher.send_multipart(frames)
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -310,7 +335,10 @@ class Broker:
                 self._take_load()
             if self.monitor in events:
                 self._log_handshake_failures()
-            for ident, frames in state.pump():
+            out = state.pump()
+            for ident in state.take_link_resets():
+                self._reset_link(poller, ident)
+            for ident, frames in out:
                 link = links.get(ident)
                 if link is not None:
                     if not send_nowait(link, frames):  # its handshake failed: a wrong key

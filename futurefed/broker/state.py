@@ -34,7 +34,7 @@ import logging
 import signal
 import time
 from collections import deque
-from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 from .. import protocol as p
 from .._versions import local_versions, mismatch
@@ -71,6 +71,9 @@ LIVENESS = 3
 #: How many times a task whose worker was lost runs again before its future
 #: fails with WorkerLost.
 MAX_RETRIES = 3
+#: A peer broker we borrow from and lost is sent HELLO again after LIVENESS
+#: heartbeats, then after twice, four times... as long, at most this long.
+LINK_RETRY_MAX = 60.0
 #: At most this many peers (and hosts) are read from or put in a LOAD message.
 MAX_PEERS = 256
 #: A task whose worker was lost (a *suspect*: it may be what killed it) is
@@ -78,6 +81,22 @@ MAX_PEERS = 256
 #: after the loss. So a task that kills workers takes the tasks that shared
 #: its worker along at most once; after that they run apart from it.
 ISOLATE_FOR = 1.0
+
+
+#: Bytes of JSON that the hosts and the peers of a LOAD may take at most, so
+#: that a LOAD always fits in protocol.MAX_JSON_BYTES (the first MAX_PEERS
+#: entries that fit are sent).
+HOSTS_BUDGET = 16 * 1024
+PEERS_BUDGET = 40 * 1024
+
+
+def _within(pairs: Iterable[Tuple[Any, Any]], budget: int) -> Iterator[Tuple[Any, Any]]:
+    """The first pairs (at most MAX_PEERS) whose JSON takes at most ``budget`` bytes."""
+    for count, pair in enumerate(pairs):
+        budget -= len(json.dumps(pair)) + 8  # with the separators and key of a LOAD entry
+        if count >= MAX_PEERS or budget < 0:
+            return
+        yield pair
 
 
 def _count(value: Any) -> int:
@@ -93,7 +112,7 @@ class Peer:
         "ident", "role", "name", "host", "pid", "credit", "known", "inflight", "cancels", "kills",
         "task_address", "meta_address", "answer_due",
         "asked", "asked_at", "asked_seq", "got_nothing", "load", "load_seq",
-        "last_heard", "last_sent", "ended", "told_peers",
+        "last_heard", "last_sent", "ended", "told_peers", "lost_streak",
     )
 
     def __init__(self, ident: bytes, meta: Dict[str, Any], now: float = 0.0) -> None:
@@ -126,6 +145,8 @@ class Peer:
         self.ended: Optional[Dict[str, Any]] = None
         # worker: the peers our last WELCOME named, where it goes if we are lost
         self.told_peers: List[str] = []
+        # link: times lost in a row without a word from it since (retries back off)
+        self.lost_streak = 0
 
     def __repr__(self) -> str:
         return f"<{self.role} {self.name} on {self.host} pid {self.pid}>"
@@ -139,10 +160,9 @@ def _signal_name(number: int) -> str:
 
 
 def _address(value: Any) -> Optional[str]:
-    """A peer's advertised address, if it looks like one."""
-    if isinstance(value, str) and 0 < len(value) <= 300 and "://" in value:
-        return value
-    return None
+    """A peer's advertised address, if it is one we may connect to
+    (``tcp://`` or ``ipc://``, printable ASCII: protocol.is_endpoint)."""
+    return value if p.is_endpoint(value) else None
 
 
 class QueuedTask:
@@ -200,8 +220,10 @@ class BrokerState:
         self.meta_address = meta_address
         self.identity = dict(identity or {})  # host and pid, for our HELLOs to peers
         self.brokers: Dict[str, Optional[str]] = {}  # every peer we know: task -> meta address
+        self._peers_full_logged = False
         self.links: Dict[str, Peer] = {}  # our links, by each address the peer goes by
         self._to_connect: List[Tuple[str, Optional[str]]] = []
+        self._link_resets: List[bytes] = []
         self.seq = 0  # counts our LOAD messages: a liveness counter for peers
         self.peers: Dict[bytes, Peer] = {}
         self.queue: Deque[QueuedTask] = deque()
@@ -260,6 +282,7 @@ class BrokerState:
                 raise RemoteProtocolError(f"{message.command.name} from a supervisor")
             if peer is not None:
                 peer.last_heard = self.clock()
+                peer.lost_streak = 0
             handler(ident, message)
         except RemoteProtocolError as exc:
             logger.warning("dropped a message from %s: %s", self._describe(ident), exc)
@@ -439,8 +462,20 @@ class BrokerState:
         """Note a peer broker; one we had not heard of is to be connected."""
         if task is None or task == self.address or task in self.brokers:
             return
+        if len(self.brokers) >= MAX_PEERS:
+            if not self._peers_full_logged:
+                self._peers_full_logged = True
+                logger.warning("broker %s knows %d peer brokers already; ignoring %s and any more",
+                               self.name, MAX_PEERS, task)
+            return
         self.brokers[task] = meta
         self._to_connect.append((task, meta))
+
+    def take_link_resets(self) -> List[bytes]:
+        """Links lost since the last call, whose DEALERs are to be closed
+        and opened again before this pump's messages are sent."""
+        resets, self._link_resets = self._link_resets, []
+        return resets
 
     def take_new_brokers(self) -> List[Tuple[str, Optional[str]]]:
         """Peers learned since the last call: (task, meta) addresses to connect."""
@@ -678,16 +713,23 @@ class BrokerState:
         again elsewhere, each at most ``max_retries`` times; a lender's link
         is kept, to be used again if it comes back."""
         peer = self.peers[ident]
-        logger.warning("%s lost: %s", peer, reason)
         if peer.role == LINK:
+            if not peer.lost_streak:
+                logger.warning("%s lost: %s", peer, reason)
+            peer.lost_streak += 1
             for key in [key for key in self.tasks if key[0] == ident]:
                 self._cancel(self.tasks.pop(key))
             peer.asked, peer.load, peer.last_heard = 0, {}, self.clock()
+            # What waits for it on our DEALER is moot now (it requeues what
+            # it lent us; we dropped what we borrowed): the connection starts
+            # afresh, so nothing piles up for a peer that stays away.
+            self._link_resets.append(ident)
             self._send(ident, p.Hello({
                 **self.identity, "role": BROKER, "name": self.name,
                 "task": self.address, "meta": self.meta_address, "versions": local_versions(),
             }))
             return
+        logger.warning("%s lost: %s", peer, reason)
         for bid, task in peer.inflight.items():
             live = task.worker == ident and task.bid == bid
             if live and not (task.cancelled or task.done or task.killed):
@@ -770,7 +812,10 @@ class BrokerState:
         limit = self.heartbeat * LIVENESS
         for ident, peer in list(self.peers.items()):
             silent = now - peer.last_heard
-            if silent > limit:
+            if peer.lost_streak:  # a link silent since we lost it: HELLO, less and less often
+                if silent > min(LINK_RETRY_MAX, limit * 2**peer.lost_streak):
+                    self._lose_peer(ident, f"silent for {silent:.1f} s")
+            elif silent > limit:
                 self._lose_peer(ident, f"silent for {silent:.1f} s")
             elif now - peer.last_sent >= self.heartbeat:
                 self._send(ident, p.Heartbeat())
@@ -795,8 +840,10 @@ class BrokerState:
                 peer.credit = 0  # a request is answered once
                 self.ready.pop(ident, None)
             if peer.kills:
-                # not those answered meanwhile: their result crossed the KILL
-                kills = [bid for bid in peer.kills if bid in peer.inflight]
+                # not those answered meanwhile (their result crossed the KILL),
+                # nor the live copy of a task whose revoked copy's result won
+                inflight = peer.inflight
+                kills = [bid for bid in peer.kills if bid in inflight and not inflight[bid].done]
                 if kills:
                     self._send(ident, p.Kill(kills))
                 peer.kills = []
@@ -939,9 +986,9 @@ class BrokerState:
             **load,
             "stealable": self.stealable(),
             "idle": max(0, load["credit"] - self.queued),
-            "hosts": dict(sorted(hosts.items())[:MAX_PEERS]),
+            "hosts": dict(_within(sorted(hosts.items()), HOSTS_BUDGET)),
             "peers": [
                 {"task": task, "meta": meta}
-                for task, meta in list(self.brokers.items())[:MAX_PEERS]
+                for task, meta in _within(self.brokers.items(), PEERS_BUDGET)
             ],
         }

@@ -103,13 +103,15 @@ def test_an_unspawned_task_never_runs_and_its_greenlet_is_reused(hub):
     assert ran == ["next"]
 
 
-def test_a_fresh_greenlet_unspawned_is_simply_dropped(hub):
+def test_a_fresh_greenlet_unspawned_goes_to_the_pool_unused(hub):
     ran = []
     glet = hub.spawn(lambda: ran.append(1), "never")
     hub.unspawn(glet)
     hub.run_ready()
-    assert ran == [] and not glet  # never started
-    assert hub.spawn(lambda: None, "next") is not glet
+    assert ran == [] and glet.context is None  # its task never ran
+    assert hub.spawn(lambda: ran.append(2), "next") is glet
+    hub.run_ready()
+    assert ran == [2]
 
 
 def test_the_pool_keeps_at_most_max_idle_greenlets(hub):
@@ -122,3 +124,175 @@ def test_the_pool_keeps_at_most_max_idle_greenlets(hub):
     assert sum(1 for glet in glets if glet.dead) == 5
     assert len({hub.spawn(lambda: None, i) for i in range(green.MAX_IDLE)} & set(glets)) \
         == green.MAX_IDLE
+
+
+# -- found by review: stale wake-ups, other threads, the hub waiting, leaks ------------
+
+
+class _NoCancel:
+    def cancel_futures(self, fs, force=False):
+        pass
+
+
+def test_a_wake_queued_before_a_stop_is_dropped_and_the_greenlet_serves_on(hub):
+    """The wait's future settles (its wake is queued), then the task is
+    stopped in the same turn and catches the GreenletExit: the queued wake
+    must not reach the greenlet, back in the pool, as if it were a task."""
+    future = green.GreenFuture(1, _NoCancel())
+    hub.install()
+    try:
+        caught = []
+
+        def task():
+            try:
+                future.result()
+            except greenlet.GreenletExit:
+                caught.append(True)  # user code that swallows everything
+
+        glet = hub.spawn(task, "task")
+        hub.run_ready()
+        future.set_result(1)  # wake queued
+        hub.throw(glet, greenlet.GreenletExit())
+        assert caught == [True] and not hub.ready
+        hub.run_ready()
+        ran = []
+        assert hub.spawn(lambda: ran.append(1), "next") is glet  # pooled, and sound
+        hub.run_ready()
+        assert ran == [1]
+    finally:
+        hub.uninstall()
+
+
+def test_a_stopped_task_that_waits_again_is_not_resumed_by_the_old_wake(hub):
+    first, second = green.GreenFuture(1, _NoCancel()), green.GreenFuture(2, _NoCancel())
+    hub.install()
+    try:
+        log = []
+
+        def task():
+            try:
+                first.result()
+            finally:
+                log.append(second.result())  # clean-up that waits
+
+        glet = hub.spawn(task, "task")
+        hub.run_ready()
+        first.set_result(1)
+        hub.throw(glet, greenlet.GreenletExit())  # it parks again, on second
+        hub.run_ready()
+        assert log == [] and hub.parked == 1  # still waiting for second
+        second.set_result(2)
+        hub.run_ready()
+        assert log == [2] and glet.dead
+    finally:
+        hub.uninstall()
+
+
+def test_a_wake_from_another_thread_goes_through_the_hub(hub):
+    """Another thread (a thread pool settling a future a task waits on)
+    does not touch the hub's queue: it hands the wake-up over and wakes the
+    hub's poll through the pipe."""
+    import select
+    import threading
+
+    waiter = Waiter(hub)
+    woken = []
+    hub.spawn(lambda: woken.append(waiter.wait(None)), "task")
+    hub.run_ready()
+    thread = threading.Thread(target=waiter.wake)
+    thread.start()
+    thread.join()
+    assert not hub.ready and not woken
+    assert select.select([hub.wake_r], [], [], 60)[0] == [hub.wake_r]
+    hub.run_calls()
+    hub.run_ready()
+    assert woken == [True]
+    hub.close()
+
+
+def test_the_hub_itself_cannot_wait_on_a_pending_future(hub):
+    from concurrent.futures import TimeoutError as FuturesTimeout
+
+    future = green.GreenFuture(1, _NoCancel())
+    hub.install()
+    try:
+        with pytest.raises(RuntimeError, match="cannot wait on a pending future"):
+            future.result()
+        with pytest.raises(FuturesTimeout):
+            future.result(timeout=0)  # no wait: as the stdlib's
+        future.set_result(3)
+        assert future.result() == 3
+    finally:
+        hub.uninstall()
+
+
+def test_cancelled_timers_let_go_of_what_they_refer_to(hub):
+    import gc
+    import weakref
+
+    class Payload:
+        pass
+
+    keep = hub.call_later(3600, lambda: None)  # a long wait at the heap's top
+    refs = []
+    for _ in range(2 * green.MIN_PURGE):
+        payload = Payload()
+        refs.append(weakref.ref(payload))
+        hub.call_later(7200, lambda payload=payload: payload).cancel()
+    del payload
+    gc.collect()
+    assert all(ref() is None for ref in refs)
+    assert len(hub._timers) < green.MIN_PURGE  # swept, though behind ``keep``
+    assert not keep.cancelled
+
+
+def test_an_idle_greenlet_keeps_nothing_of_its_last_task(hub):
+    import gc
+    import weakref
+
+    class Argument:
+        pass
+
+    argument = Argument()
+    ref = weakref.ref(argument)
+    hub.spawn(lambda arg: None, "task", argument)
+    hub.run_ready()
+    del argument
+    gc.collect()
+    assert ref() is None and len(hub._idle) == 1
+
+
+def test_a_task_abandoned_with_its_broker_that_waits_again_is_woken():
+    """The broker is lost while a task waits on a nested future; unwinding,
+    it waits again (a nested executor's shutdown): failing the lost
+    session's futures must wake it, and that wake-up is kept."""
+    from futurefed.executor import FederatedExecutor
+    from futurefed.worker.loop import Worker
+
+    worker = Worker("tcp://127.0.0.1:1", "w")  # never connected
+    worker.hub.install()
+    try:
+        unwound = []
+
+        def task():
+            try:
+                with FederatedExecutor() as executor:
+                    executor.submit(abs, -1).result()
+            except BaseException as exc:
+                unwound.append(type(exc).__name__)
+                raise
+
+        from futurefed import protocol
+
+        record = type("Record", (), {"task_id": 7, "init": protocol.NO_INIT})()
+        glet = worker.hub.spawn(task, record)
+        worker._task_glets.add(glet)
+        worker.hub.run_ready()
+        assert worker.hub.parked == 1
+        worker._abandon_session()
+        worker.hub.run_ready()
+        assert glet.dead and worker.hub.parked == 0
+        assert unwound == ["GreenletExit"]
+    finally:
+        worker.hub.uninstall()
+        worker.hub.close()

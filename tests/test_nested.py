@@ -140,3 +140,102 @@ def test_cancel_inside_a_task_of_a_queued_child(rendezvous, tmp_path):
         rendezvous.wait(1)
         rendezvous.release()
     assert not ran.exists(), "the cancelled child ran"
+
+
+# -- found by review: other threads, the hub waiting, time limits, GreenletExit ---------
+
+
+def submit_from_a_thread(n: int) -> int:
+    """Submit ``n`` children from a thread of the task's own, then wait."""
+    import threading
+
+    executor = FederatedExecutor()
+    futures: list = []
+    thread = threading.Thread(target=lambda: futures.extend(executor.submit(abs, -i)
+                                                            for i in range(n)))
+    thread.start()
+    thread.join()  # the worker's hub waits too: the submissions must not need it
+    return sum(future.result() for future in futures)
+
+
+def test_children_submitted_from_a_tasks_thread_all_run(executor):
+    assert executor.submit(submit_from_a_thread, 3000).result(timeout=GUARD) == sum(range(3000))
+
+
+def callback_that_waits_in_the_hub() -> tuple:
+    from futurefed.worker.green import GreenFuture, current_hub
+
+    executor = FederatedExecutor()
+    never = GreenFuture(0, current_hub().owner)  # nothing behind it: pending for ever
+    child = executor.submit(abs, -1)  # pending: this task holds the hub
+    said: list = []
+
+    def callback(_):  # run by the hub when the child's result comes
+        try:
+            never.result()
+        except RuntimeError as exc:
+            said.append(str(exc))
+
+    child.add_done_callback(callback)
+    return child.result(), said
+
+
+def test_a_done_callback_waiting_in_the_hub_is_told_it_cannot(executor):
+    result, said = executor.submit(callback_that_waits_in_the_hub).result(timeout=GUARD)
+    assert result == 1
+    assert said == ["the worker's hub cannot wait on a pending future (from a done-callback, say)"]
+
+
+def raise_greenlet_exit() -> None:
+    import greenlet
+
+    raise greenlet.GreenletExit("the task's own")
+
+
+def test_a_task_that_raises_greenlet_exit_fails_with_it(executor):
+    import greenlet
+
+    with pytest.raises(greenlet.GreenletExit, match="the task's own"):
+        executor.submit(raise_greenlet_exit).result(timeout=GUARD)
+    assert executor.submit(abs, -5).result(timeout=GUARD) == 5  # the worker goes on
+
+
+def spam_children(seconds: float) -> int:
+    """Submit children for ``seconds`` without ever parking."""
+    import time
+
+    executor = FederatedExecutor()
+    end, count = time.monotonic() + seconds, 0
+    while time.monotonic() < end:
+        executor.submit(abs, -1)
+        count += 1
+    return count
+
+
+def test_a_time_limit_stops_a_task_that_submits_without_parking(executor):
+    """The watchdog, which stops it, reads the children it submitted while
+    the task goes on adding more: it must not trip over them."""
+    from futurefed.errors import TaskTimeout
+
+    with pytest.raises(TaskTimeout):
+        executor.options(timeout=1).submit(spam_children, 60).result(timeout=GUARD)
+    assert executor.submit(abs, -6).result(timeout=GUARD) == 6
+
+
+def mixed_wait(seconds: float) -> float:
+    """stdlib wait() on a futurefed future and a thread pool's: seconds it took."""
+    import time
+
+    with cf.ThreadPoolExecutor(1) as pool:
+        executor = FederatedExecutor()
+        started = time.monotonic()
+        cf.wait([executor.submit(abs, -1), pool.submit(time.sleep, seconds)])
+        return time.monotonic() - started
+
+
+def test_a_wait_on_a_thread_pools_future_inside_a_task_ends_when_it_is_done(monkeypatch):
+    """The pool's thread settles its future: the worker's hub is woken for
+    it, not at its next heartbeat (20 s here)."""
+    monkeypatch.setenv("FUTUREFED_HEARTBEAT", "20")
+    with FederatedExecutor(max_workers=1) as executor:
+        assert executor.submit(mixed_wait, 0.1).result(timeout=GUARD) < 10

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import os
 import threading
 import time
 from collections import deque
@@ -37,6 +38,9 @@ _hub: Optional["Hub"] = None
 
 #: At most this many task greenlets wait in a hub's pool for a task.
 MAX_IDLE = 64
+#: The timer heap is swept of cancelled timers when it reaches twice its
+#: size after the last sweep, and at least this size.
+MIN_PURGE = 256
 
 
 def current_hub() -> Optional["Hub"]:
@@ -56,8 +60,14 @@ class _Timer:
 
     def __init__(self, deadline: float, callback: Callable[[], None]) -> None:
         self.deadline = deadline
-        self.callback = callback
+        self.callback: Optional[Callable[[], None]] = callback
         self.cancelled = False
+
+    def cancel(self) -> None:
+        """It will not fire; what its callback refers to (a finished task's
+        call, say) is let go at once, not when the timer leaves the heap."""
+        self.cancelled = True
+        self.callback = None
 
 
 class Waiter:
@@ -72,12 +82,16 @@ class Waiter:
         self.timer: Optional[_Timer] = None
 
     def wake(self, value: bool = True) -> None:
-        """Resume the parked greenlet (from the hub or another task)."""
+        """Resume the parked greenlet (from the hub, another task, or
+        another thread: then the hub does it, woken)."""
+        if threading.get_ident() != self.hub.thread:
+            self.hub.call_soon_threadsafe(lambda: self.wake(value))
+            return
         if self.fired:
             return
         self.fired = True
         if self.timer is not None:
-            self.timer.cancelled = True
+            self.timer.cancel()
         if self.glet is not None:
             self.hub.ready.append((self.glet, value))
 
@@ -97,7 +111,7 @@ class Waiter:
             # wake must not resume this greenlet, which may run another task.
             self.fired = True
             if self.timer is not None:
-                self.timer.cancelled = True
+                self.timer.cancel()
 
 
 class Hub:
@@ -119,8 +133,15 @@ class Hub:
         #: the hub for long cannot be stopped in place.
         self.task_since: Optional[float] = None
         self._timers: List[Tuple[float, int, _Timer]] = []
+        self._purge_at = MIN_PURGE  # heap size at which cancelled timers are swept
         self._seq = itertools.count()
         self._idle: List[TaskGreenlet] = []  # greenlets whose task ended
+        # Other threads (a task's own, a thread pool's future settling) hand
+        # the hub work through a deque and wake its poll through a pipe.
+        self._calls: Deque[Callable[[], None]] = deque()
+        self.wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self._wake_w, False)
 
     def install(self) -> None:
         """Make this the process's hub (one per worker process)."""
@@ -132,10 +153,48 @@ class Hub:
         if _hub is self:
             _hub = None
 
+    def close(self) -> None:
+        """Close the wake-up pipe (the hub runs no more)."""
+        for fd in (self.wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # closed already
+        self.wake_r = self._wake_w = -1
+
+    def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
+        """Have the hub call ``callback`` at its next turn; from any thread."""
+        self._calls.append(callback)
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full: the hub has been woken already
+        except OSError:
+            pass  # closed: the worker is ending
+
+    def run_calls(self) -> None:
+        """Call what other threads handed the hub (loop.py, after a poll
+        reported ``wake_r`` readable)."""
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass  # drained
+        calls = self._calls
+        while calls:
+            calls.popleft()()
+
     def spawn(self, fn: Callable[..., Any], context: Any, *args: Any) -> "TaskGreenlet":
         """Schedule ``fn(*args)`` in a task greenlet (a pooled one if any
         waits), and return it."""
-        glet = self._idle.pop() if self._idle else TaskGreenlet(self._serve, parent=self.glet)
+        if self._idle:
+            glet = self._idle.pop()
+        else:
+            # Started empty, it waits at once for its task as a pooled one
+            # does: a task passed as the first switch's arguments would stay
+            # referred to by that call for the greenlet's whole life.
+            glet = TaskGreenlet(self._serve, parent=self.glet)
+            glet.switch()
         glet.context = context
         self.ready.append((glet, (fn, args)))
         return glet
@@ -150,17 +209,24 @@ class Hub:
         if glet:  # a pooled greenlet, waiting for a task again
             self._idle.append(glet)
 
-    def _serve(self, fn: Callable[..., Any], args: Tuple[Any, ...]) -> None:
-        """A task greenlet's life: run a task, wait in the pool for the
-        next. A task stopped by GreenletExit ends its greenlet with it."""
+    def _serve(self) -> None:
+        """A task greenlet's life: wait for a task, run it, wait in the pool
+        for the next. A task stopped by GreenletExit ends its greenlet."""
         me = greenlet.getcurrent()
         while True:
+            start = self.glet.switch()
+            while type(start) is not tuple:
+                # A wake-up meant for the task that just ended, which caught
+                # the GreenletExit of a stop: it waits for nothing now.
+                start = self.glet.switch()
+            fn, args = start
+            start = None
             fn(*args)
+            fn = args = None  # type: ignore[assignment]  # keep nothing of it while idle
             me.context = None
             if len(self._idle) >= MAX_IDLE:
                 return  # enough wait already (after many parked tasks): end
             self._idle.append(me)
-            fn, args = self.glet.switch()
 
     def in_task(self) -> bool:
         """True when called from a task greenlet of this hub (not from the
@@ -180,6 +246,13 @@ class Hub:
     def call_later(self, delay: float, callback: Callable[[], None]) -> _Timer:
         timer = _Timer(self.clock() + delay, callback)
         heapq.heappush(self._timers, (timer.deadline, next(self._seq), timer))
+        if len(self._timers) >= self._purge_at:
+            # cancelled timers leave the heap only from its top: sweep them
+            # now and then, so that a long-lived one at the top (a parked
+            # parent's wait) does not keep thousands behind it
+            self._timers = [entry for entry in self._timers if not entry[2].cancelled]
+            heapq.heapify(self._timers)
+            self._purge_at = max(MIN_PURGE, 2 * len(self._timers))
         return timer
 
     def next_timeout(self) -> Optional[float]:
@@ -200,8 +273,9 @@ class Hub:
         now = self.clock()
         while self._timers and self._timers[0][0] <= now:
             _, _, timer = heapq.heappop(self._timers)
-            if not timer.cancelled:
-                timer.callback()
+            callback = timer.callback
+            if not timer.cancelled and callback is not None:
+                callback()
 
     def run_ready(self) -> None:
         """Run every ready greenlet until it finishes or parks."""
@@ -220,7 +294,12 @@ class Hub:
 
     def throw(self, glet: greenlet.greenlet, error: BaseException) -> None:
         """Raise ``error`` in a suspended task greenlet and run it until it
-        ends or parks again."""
+        ends or parks again. A wake-up of it that is queued already is
+        dropped: it was for the wait that ``error`` ends."""
+        if any(ready is glet for ready, _ in self.ready):
+            kept = [entry for entry in self.ready if entry[0] is not glet]
+            self.ready.clear()
+            self.ready.extend(kept)
         self.task_since = self.clock()
         try:
             glet.throw(error)
@@ -240,6 +319,11 @@ class GreenEvent:
         return self._flag
 
     def set(self) -> None:
+        if threading.get_ident() != self._hub.thread:
+            # a future settled by another thread (a thread pool's): the hub
+            # sets us, so that a task checking then parking cannot miss it
+            self._hub.call_soon_threadsafe(self.set)
+            return
         self._flag = True
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
@@ -284,8 +368,15 @@ class GreenFuture(TaskFuture):
 
     def _park_until_done(self, timeout: Optional[float]) -> None:
         hub = _hub
-        if self.done() or hub is None or not hub.in_task():
+        if self.done() or hub is None:
             return
+        if not hub.in_task():
+            if threading.get_ident() == hub.thread and (timeout is None or timeout > 0):
+                # the hub itself (a done-callback it runs) would wait for
+                # ever: only the hub settles this future
+                raise RuntimeError("the worker's hub cannot wait on a pending future"
+                                   " (from a done-callback, say)")
+            return  # another thread: it blocks until the hub settles it
         waiter = Waiter(hub)
         self.add_done_callback(lambda _: waiter.wake())
         waiter.wait(timeout)

@@ -237,6 +237,7 @@ class Worker:
             threading.Thread(
                 target=_watch_lifeline, args=(self.lifeline,), name="lifeline", daemon=True
             ).start()
+        self.poller.register(self.hub.wake_r, zmq.POLLIN)  # other threads' calls
         Watchdog(self).start()
         self.hub.install()
         serialize.set_process_label(self.name)
@@ -247,6 +248,7 @@ class Worker:
 
     def close(self) -> None:
         self.hub.uninstall()
+        self.hub.close()
         self._closed.set()
         self._watch.set()
         with self._sock_lock:
@@ -278,6 +280,8 @@ class Worker:
                 if received:
                     self._drain()
                 self.stopper.unresolved.clear()  # the KILLs it read are handled now
+            if self.hub.wake_r in events:
+                self.hub.run_calls()
             if self._to_stop:
                 self._flush()  # what ended goes out before stopped tasks unwind
                 self.stopper.stop_killed()
@@ -478,14 +482,16 @@ class Worker:
                 glet.throw(greenlet.GreenletExit)
         pending, self.pending = self.pending, {}
         lost = FederationLost(f"the broker at {self.address} was lost")
+        # A greenlet ended above cannot be woken again (its waits are over),
+        # but one that waits anew while it unwinds (a nested executor's
+        # shutdown, say) is woken by these failures: those wake-ups stay.
         for future in pending.values():
             if not future.done():
                 future.set_exception(lost)
-        self.hub.ready.clear()  # wake-ups of the greenlets ended above
         self._cancel_waits = []
         for task in self._active.values():  # their time limits go with them
             if task.timer is not None:
-                task.timer.cancelled = True
+                task.timer.cancel()
         self._active.clear()
         self._to_stop, self._kills = [], []
         self._inbox.clear()  # what the watchdog read from the lost broker
@@ -631,13 +637,19 @@ class Worker:
         task.started = time.monotonic()
         started = time.perf_counter()
         try:
-            status, frames = self._call(record, task)
+            try:
+                status, frames = self._call(record, task)
+            except greenlet.GreenletExit as exc:
+                if task.outcome is not None or session != self.session:
+                    raise  # stopped (and answered), or its broker was lost
+                # the task's own GreenletExit, raised or let through: its error
+                status, frames = p.Status.ERROR, serialize.dump_exception(exc)
         finally:
             if session == self.session:
                 self._task_glets.discard(greenlet.getcurrent())
                 self._active.pop(record.task_id, None)
             if task.timer is not None:
-                task.timer.cancelled = True
+                task.timer.cancel()
         if session != self.session:
             return  # its broker was lost: its result can go nowhere
         elapsed = time.perf_counter() - started
@@ -759,13 +771,21 @@ class Worker:
         future = GreenFuture(task_id, self)
         running = getattr(greenlet.getcurrent(), "context", None)
         future.parent = running.task_id if running is not None else None
-        self.pending[task_id] = future
-        for digest, blob in (fn, init):
+        record = p.TaskRecord(task_id, fn[0], init[0], frames)
+        if threading.get_ident() == self.hub.thread:
+            self._queue_submit(future, record, (fn, init))
+        else:  # a thread a task started: the hub takes it, woken
+            self.hub.call_soon_threadsafe(lambda: self._queue_submit(future, record, (fn, init)))
+        return future
+
+    def _queue_submit(self, future: GreenFuture, record: p.TaskRecord,
+                      blobs: Sequence[Tuple[bytes, Optional[bytes]]]) -> None:
+        self.pending[record.task_id] = future
+        for digest, blob in blobs:
             if blob is not None and digest not in self._sent_blobs:
                 self._sent_blobs.add(digest)
                 self._submit_blobs[digest] = blob
-        self._submits.append(p.TaskRecord(task_id, fn[0], init[0], frames))
-        return future
+        self._submits.append(record)
 
     def nested_options(self) -> Dict[str, Any]:
         """Task options that name the task submitting (so that, should this
@@ -780,12 +800,20 @@ class Worker:
         """Ask the broker to cancel ``fs`` (``force``: KILL); a task calling
         this parks until the broker has answered for each (see
         ``_future.py``)."""
-        (self._kills if force else self._cancels).extend(future._futurefed_id for future in fs)
+        ids = [future._futurefed_id for future in fs]
+        if threading.get_ident() != self.hub.thread:  # a thread a task started
+            self.hub.call_soon_threadsafe(lambda: self._ask_to_cancel(ids, force))
+            return  # it does not wait: the answer settles them later
+        self._ask_to_cancel(ids, force)
         if not self.hub.in_task():
             return  # the hub cannot wait for itself: the answer settles them later
         waiter = Waiter(self.hub)
         self._cancel_waits.append((fs, waiter, force))
         waiter.wait(CANCEL_TIMEOUT)
+
+    def _ask_to_cancel(self, ids: List[int], force: bool) -> None:
+        """Queue a CANCEL (KILL with ``force``) of ``ids`` for the next flush."""
+        (self._kills if force else self._cancels).extend(ids)
 
     def _wake_cancellers(self) -> None:
         waits = []
@@ -822,8 +850,9 @@ class Worker:
         if time.monotonic() - self.last_sent >= self.heartbeat:
             self._send(p.Heartbeat())
         if self._submits:
-            self._send(p.Submit(self._submits, self._submit_blobs))
+            submits, blobs = self._submits, self._submit_blobs
             self._submits, self._submit_blobs = [], {}
+            self._send(p.Submit(submits, blobs))
         if self._cancels:
             cancels, self._cancels = self._cancels, []
             self._send(p.Cancel(cancels))

@@ -164,18 +164,25 @@ class Watchdog(threading.Thread):
             worker._watch.clear()
             if worker._closed.is_set():
                 return
-            self._heartbeat()
-            since = worker.hub.task_since
-            if since is None or time.monotonic() - since < BUSY_AFTER:
-                continue  # the hub reads, and keeps time, itself
-            worker.stopper.read_while_busy(WATCH_TICK)
-            now = time.monotonic()
-            late = [
-                task for task in list(worker._active.values())
-                if task.deadline is not None and task.deadline <= now
-            ]
-            if late and worker.hub.task_since is not None:
-                worker.stopper.replace(late)
+            try:
+                self._tick()
+            except Exception:  # a bug must not end the thread that enforces time limits
+                logger.exception("worker %s: the watchdog failed at a tick", worker.name)
+
+    def _tick(self) -> None:
+        worker = self.worker
+        self._heartbeat()
+        since = worker.hub.task_since
+        if since is None or time.monotonic() - since < BUSY_AFTER:
+            return  # the hub reads, and keeps time, itself
+        worker.stopper.read_while_busy(WATCH_TICK)
+        now = time.monotonic()
+        late = [
+            task for task in list(worker._active.values())
+            if task.deadline is not None and task.deadline <= now
+        ]
+        if late and worker.hub.task_since is not None:
+            worker.stopper.replace(late)
 
     def _interval(self) -> float:
         worker = self.worker
@@ -302,7 +309,7 @@ class TaskStopper:
             w._active.pop(task.task_id, None)
             return
         if task.timer is not None:
-            task.timer.cancelled = True
+            task.timer.cancel()
         task.deadline = time.monotonic() + STOP_GRACE
         task.timer = w.hub.call_later(STOP_GRACE, lambda: self.expire(task))
         w.hub.throw(glet, greenlet.GreenletExit())
@@ -315,8 +322,11 @@ class TaskStopper:
         return task.outcome
 
     def children_of(self, task_ids: Set[int]) -> List[int]:
-        """Our nested tasks, not yet answered, that these tasks submitted."""
-        return [tid for tid, future in self.worker.pending.items() if future.parent in task_ids]
+        """Our nested tasks, not yet answered, that these tasks submitted.
+        (A snapshot first: the watchdog calls this while a task, in the
+        main thread, may be submitting.)"""
+        pending = list(self.worker.pending.items())
+        return [tid for tid, future in pending if future.parent in task_ids]
 
     # -- the watchdog's side, while a task holds the hub --------------------------------
 
@@ -377,6 +387,17 @@ class TaskStopper:
                 threading.Event().wait()  # the watchdog replaces the process
             return
         w._sock_lock.acquire()  # for good: nothing else is sent from this process
+        try:
+            self._last_words(tasks, killed, answered)
+        except Exception:  # a bug: the process is replaced all the same
+            logger.critical("worker %s: could not say its last words", w.name, exc_info=True)
+        replace_process(w.argv, w._environ)
+
+    def _last_words(self, tasks: Sequence[RunningTask], killed: bool,
+                    answered: Sequence[p.ResultRecord]) -> None:
+        """Answer the stopped tasks and those waiting on them, stop their
+        children, hand back the rest (BYE), and close the socket."""
+        w = self.worker
         records = list(answered)
         doomed: Dict[int, RunningTask] = {}
         for task in tasks:
@@ -402,7 +423,6 @@ class TaskStopper:
                       for task in tasks), os.getpid(),
         )
         self.leave(kills, records)
-        replace_process(w.argv, w._environ)
 
     def leave(self, kills: List[int], records: List[p.ResultRecord]) -> None:
         """Send our last words (children to stop, answers, BYE) and close,

@@ -43,7 +43,7 @@ POLL_SECONDS = 1.0
 HEARTBEAT = 1.0
 LIVENESS = 3
 
-_SUBMIT, _CANCEL, _STOP = range(3)
+_SUBMIT, _CANCEL, _STOP, _BROKEN = range(4)
 
 
 class BrokenState:
@@ -92,6 +92,8 @@ class Agent(threading.Thread):
         self._last_sent = self._last_heard = time.monotonic()
         self.heartbeat = heartbeat
         self._exit_info = getattr(federation, "exit_info", None)
+        if federation is not None:
+            federation.on_broken = self._federation_broken
         # Threads in cancel() wait on this for the broker's answer.
         self._cancel_answered = threading.Condition()
         self._cancel_waiters = 0
@@ -169,6 +171,11 @@ class Agent(threading.Thread):
         self._commands.append((_STOP,))
         self._wake()
 
+    def _federation_broken(self, why: str) -> None:
+        """The embedded federation starts no more workers (any thread)."""
+        self._commands.append((_BROKEN, why))
+        self._wake()
+
     def _wake(self) -> None:
         with self._wake_lock:
             self._wake_locked()
@@ -177,7 +184,10 @@ class Agent(threading.Thread):
         if self._woken or self._wake_tx is None:
             return
         self._woken = True
-        self._wake_tx.send(b"")
+        try:
+            self._wake_tx.send(b"", zmq.NOBLOCK)
+        except zmq.Again:  # the thread failed before it could listen: it ends anyway
+            pass
 
     # -- the thread ------------------------------------------------------------------
 
@@ -185,13 +195,14 @@ class Agent(threading.Thread):
         wake_rx = self.ctx.socket(zmq.PAIR)
         wake_rx.bind(self._wake_address)
         dealer = task_socket(self.ctx, zmq.DEALER, linger_ms=2000)
-        make_client(dealer, self.key)
-        # watched until WELCOME: ZeroMQ retries a failed handshake in silence
-        self._handshake: Optional[HandshakeWatch] = HandshakeWatch(dealer, self.key)
-        self._poller: Optional[zmq.Poller] = None
-        dealer.connect(self.address)
         self._dealer = dealer
+        self._handshake: Optional[HandshakeWatch] = None
+        self._poller: Optional[zmq.Poller] = None
         try:
+            make_client(dealer, self.key)
+            # watched until WELCOME: ZeroMQ retries a failed handshake in silence
+            self._handshake = HandshakeWatch(dealer, self.key)
+            dealer.connect(self.address)
             self._send(p.Hello({
                 "role": "origin",
                 "name": f"origin-{os.getpid()}",
@@ -214,6 +225,7 @@ class Agent(threading.Thread):
             with self._cancel_answered:
                 self._ended = True
                 self._cancel_answered.notify_all()
+            self.answered.set()  # nothing more will come: a constructor waiting goes on
             wake_rx.close()
             self._stop_watching()
             dealer.close()
@@ -303,6 +315,9 @@ class Agent(threading.Thread):
                         kills.append(task_id)
                     elif future.undecided():
                         cancels.append(task_id)
+            elif kind == _BROKEN:
+                self._break(BrokenFederation(command[1]))
+                submits = []  # failed with the rest: not worth sending
             else:
                 self._stopping = True
         if submits:

@@ -88,6 +88,10 @@ def _python_exit() -> None:
         agent.join()
 
 
+# A forked child has copies of the agents, not their threads nor sockets:
+# its exit must not touch them.
+os.register_at_fork(after_in_child=_live_agents.clear)
+
 if hasattr(threading, "_register_atexit"):
     # Runs before non-daemon threads are joined, as for the stdlib executors.
     threading._register_atexit(_python_exit)

@@ -25,8 +25,9 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections import deque
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from .errors import BrokenFederation
 from .supervisor import STDERR_TAIL, report_exit
@@ -36,8 +37,15 @@ __all__ = ["LocalFederation"]
 START_TIMEOUT = 60.0  # deadlock guard: a broker binds loopback in well under a second
 STOP_TIMEOUT = 5.0
 #: Dead workers replaced in the life of one federation, at most (a task
-#: that kills every worker fails with WorkerLost long before this).
+#: that kills every worker fails with WorkerLost long before this); then
+#: the federation is broken and so is its executor.
 MAX_REPLACEMENTS = 1000
+#: A worker that dies within this many seconds of its start died quickly:
+#: the next one in its place waits 0.1 s, then 0.2, 0.4... at most
+#: MAX_BACKOFF, until one lives longer (a worker that cannot start at all
+#: must not be restarted as fast as the machine can).
+QUICK_DEATH = 2.0
+MAX_BACKOFF = 5.0
 #: Longest runtime directory whose ipc:// socket names fit in sun_path.
 IPC_DIRECTORY_MAX = 90
 
@@ -79,19 +87,46 @@ def child_environment(extra: Dict[str, str]) -> Dict[str, str]:
     return env
 
 
+def _wait_readable(fd: int, seconds: float) -> bool:
+    """Whether ``fd`` became readable (or hung up) within ``seconds``
+    (poll, not select: the program may hold more than 1,024 files open)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0.0, seconds) * 1000))
+
+
+#: The federations this process owns, let go of in a forked child.
+_live: "weakref.WeakSet[LocalFederation]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for federation in list(_live):
+        federation._let_go_in_child()
+    _live.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class LocalFederation:
     """Processes of an embedded federation; :meth:`close` ends them. A
     worker that dies is replaced, so the pool keeps its size."""
 
     def __init__(self, workers: int, *, python: str = sys.executable) -> None:
+        self._owner = os.getpid()  # a forked child neither holds nor ends it
         self.processes: List[subprocess.Popen] = []  # type: ignore[type-arg]
         self.replaced = 0
+        #: Called, with why, once no worker will be started any more.
+        self.on_broken: Optional[Callable[[str], None]] = None
+        self._started: Dict[int, float] = {}  # worker index -> when its process started
+        self._quick_deaths: Dict[int, int] = {}  # worker index -> quick deaths in a row
         self._tails: Dict[int, Deque[str]] = {}  # worker pid -> its last stderr lines
         self._closing = threading.Event()
         self._replacing = threading.Lock()
         self._python = python
         self.runtime_dir = _private_directory()
         lifeline_r, self._lifeline_w = os.pipe()
+        _live.add(self)
         ready_r, ready_w = os.pipe()
         try:
             name = f"local-{os.getpid()}"
@@ -138,6 +173,7 @@ class LocalFederation:
             }),
         )
         self.processes.append(process)
+        self._started[index] = time.monotonic()
         tail = self._tails[process.pid] = deque(maxlen=STDERR_TAIL)
         relay = threading.Thread(
             target=_relay_stderr, args=(process.stderr, tail), name=f"stderr-{worker_name}",
@@ -166,16 +202,31 @@ class LocalFederation:
         relay.join(STOP_TIMEOUT)  # its last lines, up to end-of-file
         tail = list(self._tails[process.pid])
         report_exit(self.address, f"{self._name}.w{index}", process.pid, status, tail)
+        quick = self._quick_deaths.get(index, 0)
+        quick = quick + 1 if time.monotonic() - self._started[index] < QUICK_DEATH else 0
+        self._quick_deaths[index] = quick
+        if quick and self._closing.wait(min(MAX_BACKOFF, 0.1 * 2 ** (quick - 1))):
+            return  # closed while we waited
         with self._replacing:
             if self._closing.is_set():
                 return
             if self.replaced >= MAX_REPLACEMENTS:
-                logger.error("worker %d exited with status %d; not replaced: %d replaced already",
-                             index, status, self.replaced)
+                self._give_up(index, status, tail)
                 return
             self.replaced += 1
             logger.warning("worker %d exited with status %d; starting another", index, status)
             self._start_worker(index)
+
+    def _give_up(self, index: int, status: int, tail: List[str]) -> None:
+        """No more replacements: say so, and break whoever relies on us."""
+        why = (f"the embedded federation's workers died {self.replaced + 1} times; the last,"
+               f" worker {index}, exited with status {status}")
+        if tail:
+            why += ": " + " | ".join(tail[-3:])
+        logger.error("%s; no more are started", why)
+        callback = self.on_broken
+        if callback is not None:
+            callback(why)
 
     @staticmethod
     def _read_address(ready_r: int, broker: "subprocess.Popen[bytes]") -> "tuple[str, str]":
@@ -184,8 +235,7 @@ class LocalFederation:
         data = b""
         while not data.endswith(b"\n"):
             remaining = deadline - time.monotonic()
-            readable, _, _ = select.select([ready_r], [], [], max(0.0, remaining))
-            if not readable:
+            if not _wait_readable(ready_r, remaining):
                 raise BrokenFederation(f"the local broker did not start within {START_TIMEOUT:.0f} s")
             chunk = os.read(ready_r, 4096)
             if not chunk:
@@ -198,6 +248,8 @@ class LocalFederation:
 
     def close(self, timeout: float = STOP_TIMEOUT) -> None:
         """End every process: close the lifeline, wait, then kill stragglers."""
+        if os.getpid() != self._owner:
+            return  # a forked child's copy: the processes are its parent's
         self._closing.set()
         with self._replacing:
             if self._lifeline_w != -1:
@@ -218,6 +270,20 @@ class LocalFederation:
     @property
     def pids(self) -> List[int]:
         return [process.pid for process in self.processes]
+
+    def _let_go_in_child(self) -> None:
+        """In a child forked from the origin: close its copies of the
+        lifeline, so that the federation still ends when the origin does
+        (a long-lived child held it alive; shutdown() waited and killed)."""
+        self._closing.set()
+        for name in ("_lifeline_w", "_lifeline_r"):
+            fd = getattr(self, name, -1)
+            if fd != -1:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass  # closed already
+                setattr(self, name, -1)
 
     def __del__(self) -> None:
         fd: Optional[int] = getattr(self, "_lifeline_w", -1)

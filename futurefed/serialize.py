@@ -79,17 +79,47 @@ class _LargeBytes:
 
 
 _SHALLOW_LIMIT = 64  # containers longer than this are not scanned
+_LIFTABLE = frozenset({bytes, bytearray, tuple, list, dict})
 
 
-def _lift_large_bytes(obj: Any, depth: int = 2) -> Any:
+def _lift_large_bytes(obj: Any, depth: int = 2, memo: Optional[Dict[int, Any]] = None) -> Any:
+    """``obj`` with its large bytes wrapped (see _LargeBytes): the object
+    itself when none is found; else copies of the containers on the way to
+    them, one per original (``memo``), so that what was shared, or refers
+    to itself, stays so, and a buffer met twice is sent once."""
     kind = type(obj)
-    if kind is bytes or kind is bytearray:
-        return _LargeBytes(obj) if len(obj) >= OOB_THRESHOLD else obj
-    if depth == 0 or kind not in (tuple, list, dict) or len(obj) > _SHALLOW_LIMIT:
+    if kind not in _LIFTABLE:
         return obj
-    if kind is dict:
-        return {key: _lift_large_bytes(value, depth - 1) for key, value in obj.items()}
-    return kind(_lift_large_bytes(item, depth - 1) for item in obj)
+    if memo is None:
+        memo = {}
+    else:
+        done = memo.get(id(obj))
+        if done is not None:  # met before, at whatever depth
+            return done[1]
+    if kind is bytes or kind is bytearray:
+        if len(obj) < OOB_THRESHOLD:
+            return obj
+    elif depth == 0 or len(obj) > _SHALLOW_LIMIT:
+        return obj
+    if kind is bytes or kind is bytearray:
+        lifted: Any = _LargeBytes(obj)
+    elif kind is tuple:
+        items = [_lift_large_bytes(item, depth - 1, memo) for item in obj]
+        lifted = obj if all(a is b for a, b in zip(items, obj)) else tuple(items)
+    else:
+        lifted = kind()  # known before its items, should one of them be itself
+        memo[id(obj)] = (obj, lifted)
+        if kind is dict:
+            lifted.update((key, _lift_large_bytes(value, depth - 1, memo))
+                          for key, value in obj.items())
+            changed = any(lifted[key] is not value for key, value in obj.items())
+        else:
+            lifted.extend(_lift_large_bytes(item, depth - 1, memo) for item in obj)
+            changed = any(a is not b for a, b in zip(lifted, obj))
+        if not changed:
+            lifted = obj
+    memo[id(obj)] = (obj, lifted)  # the original too: its id must not be reused meanwhile
+    return lifted
 
 
 #: Types whose values plain pickle writes exactly as cloudpickle would.
@@ -237,9 +267,19 @@ def dump_exception(exc: BaseException, text: Optional[str] = None) -> List[Any]:
         return [label, *dumps(exc)]
     except SerializationError as err:
         stand_in = SerializationError(
-            f"the task raised {type(exc).__qualname__}({exc}), which cannot be pickled: {err}"
+            f"the task raised {type(exc).__qualname__}({_safe_str(exc)}), which cannot be"
+            f" pickled: {_safe_str(err)}"
         )
         return [label, *dumps(stand_in)]
+
+
+def _safe_str(value: object) -> str:
+    """``str(value)``, or a placeholder if its ``__str__`` raises (the
+    task's own code, which must not take its worker down)."""
+    try:
+        return str(value)
+    except Exception:  # anything user code may raise
+        return f"<{type(value).__qualname__}: str() failed>"
 
 
 def load_exception(frames: Sequence[Any]) -> BaseException:

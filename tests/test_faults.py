@@ -122,6 +122,51 @@ def test_a_task_that_kills_every_worker_fails_with_worker_lost(monkeypatch):
         assert executor.submit(abs, -5).result(timeout=GUARD) == 5  # the pool goes on
 
 
+def break_the_workers_loop() -> None:
+    """Make this worker's own loop fail (a bug in futurefed, as it were)
+    before it sends this task's result."""
+    from futurefed.worker.green import current_hub
+
+    def fail() -> None:
+        raise RuntimeError("a bug in the worker's loop")
+
+    current_hub().owner._flush = fail
+
+
+class Unprintable(Exception):
+    """An error that can be neither pickled nor printed."""
+
+    def __reduce__(self):
+        raise RuntimeError("not picklable")
+
+    def __str__(self):
+        raise ValueError("not printable")
+
+
+def raise_unprintable() -> None:
+    raise Unprintable()
+
+
+def test_a_task_that_breaks_its_workers_loop_is_not_handed_out_for_ever(monkeypatch):
+    """A worker whose loop fails leaves without BYE, so the tasks it held
+    count as lost with it: after max_retries they fail with WorkerLost
+    instead of crashing one worker after another."""
+    monkeypatch.setenv("FUTUREFED_MAX_RETRIES", "1")
+    with FederatedExecutor(max_workers=1) as executor:
+        with pytest.raises(WorkerLost, match="2 times"):
+            executor.submit(break_the_workers_loop).result(timeout=GUARD)
+        assert executor.submit(abs, -5).result(timeout=GUARD) == 5  # the pool goes on
+
+
+def test_an_error_neither_picklable_nor_printable_fails_only_its_future():
+    from futurefed.errors import SerializationError
+
+    with FederatedExecutor(max_workers=1) as executor:
+        with pytest.raises(SerializationError, match=r"the task raised Unprintable\(<Unprintable"):
+            executor.submit(raise_unprintable).result(timeout=GUARD)
+        assert executor.submit(abs, -6).result(timeout=GUARD) == 6
+
+
 def test_losing_the_broker_fails_every_pending_future_promptly():
     executor = FederatedExecutor(max_workers=1)
     try:
@@ -184,3 +229,27 @@ def test_a_peer_broker_killed_mid_map(federation, monkeypatch):
                 os.kill(b.process.pid, signal.SIGKILL)
         assert [f.result()[0] for f in fs] == [i * i for i in range(600)]
     a.process.wait_for(r"<broker B on .*> lost: silent for")
+
+
+def test_workers_that_cannot_start_are_restarted_ever_more_slowly_then_break_the_executor(
+        monkeypatch):
+    """A worker that dies at once is replaced after 0.1 s, 0.2 s, 0.4 s...;
+    when no more will be started, pending and later work fail with
+    BrokenFederation instead of waiting for ever."""
+    import time
+
+    from futurefed import BrokenFederation, local
+
+    monkeypatch.setattr(local, "MAX_REPLACEMENTS", 3)
+    with FederatedExecutor(max_workers=1) as executor:
+        assert executor.submit(abs, -1).result(timeout=GUARD) == 1
+        federation = executor._transport.federation
+        federation._python = "/bin/false"  # every replacement dies at once
+        started = time.monotonic()
+        os.kill(worker_pids(executor)[0], signal.SIGKILL)
+        future = executor.submit(abs, -2)
+        with pytest.raises(BrokenFederation, match="workers died 4 times"):
+            future.result(timeout=GUARD)
+        assert time.monotonic() - started >= 0.1 + 0.2  # two waits before the last two
+        with pytest.raises(BrokenFederation):
+            executor.submit(abs, -3)

@@ -156,3 +156,45 @@ def test_no_lost_wakeup_between_bursts_and_round_trips(monkeypatch):
             assert list(executor.map(abs, range(-20_000, 0))) == list(range(20_000, 0, -1))
             for i in range(300):
                 assert executor.submit(abs, -i).result(timeout=GUARD) == i
+
+
+def test_a_forked_child_of_the_origin_does_not_keep_the_federation_alive():
+    """The child inherits the lifeline's write end; it lets go of it at
+    once, so the federation ends with shutdown() (not after a wait and a
+    SIGKILL) and would end with the origin."""
+    executor = FederatedExecutor(max_workers=1)
+    assert executor.submit(abs, -1).result(timeout=GUARD) == 1
+    federation = executor._transport.federation
+    hold_r, hold_w = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child only waits to be let go
+        os.close(hold_w)
+        os.read(hold_r, 1)
+        os._exit(0)
+    os.close(hold_r)
+    try:
+        executor.shutdown()
+        statuses = [process.wait(GUARD) for process in federation.processes]
+        assert all(status >= 0 for status in statuses), statuses  # none killed
+    finally:
+        os.close(hold_w)  # end-of-file: the child exits
+        os.waitpid(child, 0)
+
+
+def test_a_program_with_more_than_1024_files_open_starts_a_federation():
+    """select() cannot watch a descriptor above 1023: what waits on the
+    broker's ready line (and a worker's lifeline) polls instead."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"at most {hard} open files allowed here")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        with FederatedExecutor(max_workers=1) as executor:
+            assert executor.submit(abs, -2).result(timeout=GUARD) == 2
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

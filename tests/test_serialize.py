@@ -173,3 +173,45 @@ def test_function_cache_is_by_identity_and_weak():
     del fn, part
     gc.collect()
     assert len(executor._functions) == 0
+
+
+# -- what is shared stays shared (found by review) --------------------------------------
+
+
+class Marker:
+    """Not plain data: the value goes through cloudpickle and the lifting."""
+
+
+BIG = b"b" * serialize.OOB_THRESHOLD
+
+
+def test_shared_containers_stay_shared_as_with_cloudpickle():
+    items = [1, 2]
+    back = serialize.loads(serialize.dumps((items, items, Marker)))
+    assert back[0] is back[1] and back[0] == [1, 2]
+
+
+def test_a_large_buffer_met_twice_travels_once_and_stays_one_object():
+    frames = serialize.dumps((BIG, [BIG], Marker))
+    assert len(frames) == 2  # the pickle stream and one out-of-band buffer
+    back = serialize.loads(frames)
+    assert back[0] is back[1][0] and back[0] == BIG
+
+
+@pytest.mark.parametrize("kind", ["list", "dict"])
+def test_a_container_that_holds_itself_keeps_its_shape(kind):
+    if kind == "list":
+        loop = [BIG]
+        loop.append(loop)
+        back = serialize.loads(serialize.dumps((loop, Marker)))[0]
+        assert back[1] is back and back[0] == BIG
+    else:
+        loop = {"data": BIG}
+        loop["self"] = loop
+        back = serialize.loads(serialize.dumps((loop, Marker)))[0]
+        assert back["self"] is back and back["data"] == BIG
+
+
+def test_nothing_is_copied_when_there_is_nothing_to_lift():
+    value = ([1, 2], {"a": (3, Marker)})
+    assert serialize._lift_large_bytes(value) is value

@@ -87,7 +87,9 @@ _MONITORED = zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_DISCONNECTED
 
 def _watch_lifeline(fd: int) -> None:
     """End the process once the lifeline closes, even if a task never yields."""
-    select.select([fd], [], [])
+    poller = select.poll()  # not select(): a task may have opened 1,024 files
+    poller.register(fd, select.POLLIN)
+    poller.poll()
     time.sleep(LIFELINE_GRACE)
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -226,6 +228,13 @@ class Worker:
         self.connect()
         try:
             self.serve()
+        except Exception:
+            # A crash, not a departure (Ctrl-C is one): no BYE, so that the broker counts the
+            # tasks we held as lost with us (max_retries, then WorkerLost)
+            # instead of handing them out again for free, for ever, should
+            # one of them be what crashes us.
+            self.stopping = True
+            raise
         finally:
             self.close()
         return 0 if self.welcomed and self.failure is None else 1

@@ -9,6 +9,8 @@ import re
 import signal
 import socket
 import subprocess
+import threading
+import time
 
 import pytest
 
@@ -55,6 +57,13 @@ def fedrun(args, program, tmp_path, **kwargs):
 
 def started_pids(stderr: str) -> dict:
     return {name: int(pid) for name, pid in STARTED.findall(stderr)}
+
+
+def gone_within(pids, timeout: float) -> list:
+    """wait_gone with one deadline for all the pids (wait_gone gives each
+    its own): the pids still alive ``timeout`` seconds from now."""
+    deadline = time.monotonic() + timeout
+    return [pid for pid in pids if wait_gone([pid], max(0.0, deadline - time.monotonic()))]
 
 
 def test_runs_the_program_with_its_arguments_and_exit_status(tmp_path):
@@ -340,3 +349,72 @@ def test_every_option_with_a_value_is_known_to_the_argv_split():
         for option in action.option_strings
     }
     assert takes_value - {"-m", "--module"} == _VALUE_OPTIONS | _LIST_OPTIONS
+
+
+# -- fedrun falls silent while the agent's output does not drain ----------------------------
+
+# The task prints a kilobyte line every millisecond until its worker ends,
+# more than any pipe holds; the program prints "ready" once it runs.
+CHATTY_PROGRAM = """\
+import os, socket, sys, time
+from futurefed import FederatedExecutor
+
+def chatter(port):
+    socket.create_connection(("127.0.0.1", port)).close()  # it runs
+    while True:
+        print(os.environ["WORKER_NAME"], "x" * 1000, flush=True)
+        time.sleep(0.001)  # the workload's pace, not synchronisation
+
+with socket.create_server(("127.0.0.1", 0)) as server, FederatedExecutor() as executor:
+    server.settimeout(60)  # a deadlock guard
+    future = executor.submit(chatter, server.getsockname()[1])
+    server.accept()[0].close()
+    print("ready", flush=True)
+    future.exception()  # until the federation is gone
+"""
+
+
+def test_the_silence_rule_ends_everything_even_when_output_cannot_drain(tmp_path):
+    """fedrun stopped (SIGSTOP, as Ctrl-Z does; for the agent the same as a
+    host cut off without a reset): it neither beats nor reads, so the
+    agent's stdout fills with the workers' lines. After 6 s without a word
+    the agent must still end its broker, its workers and itself."""
+    process = subprocess.Popen(
+        fedrun(["-N", "1", "-v"], CHATTY_PROGRAM, tmp_path), stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    ready, spread, err_lines = threading.Event(), threading.Event(), []
+
+    def read_stdout():
+        for line in process.stdout:
+            if line == "ready\n":
+                ready.set()
+
+    def read_stderr():
+        for line in process.stderr:
+            err_lines.append(line)
+            if re.match(r"fedrun: 1 workers ", line):  # after every "started" line
+                spread.set()
+
+    readers = [threading.Thread(target=f, daemon=True) for f in (read_stdout, read_stderr)]
+    for reader in readers:
+        reader.start()
+    try:
+        assert ready.wait(GUARD) and spread.wait(GUARD), "".join(err_lines)
+        pids = started_pids("".join(err_lines))
+        assert len(pids) == 3, err_lines
+        process.send_signal(signal.SIGSTOP)
+        try:
+            left = gone_within(pids.values(), GUARD)
+        finally:
+            process.send_signal(signal.SIGCONT)
+        assert left == [], f"still running with fedrun stopped: {left} of {pids}"
+        assert process.wait(GUARD) == 1
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for reader in readers:
+            reader.join(GUARD)
+    assert "Traceback" not in "".join(err_lines)
+

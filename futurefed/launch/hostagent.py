@@ -11,6 +11,10 @@ It is the workers' supervisor: when one ends, it tells the broker at once
 (WORKER_EXIT, ``futurefed.supervisor``) how it ended and what it last wrote
 on stderr, then starts another in its place.
 
+Its lines go out through a writer thread (:class:`_Out`): nothing else waits
+on fedrun, so that a host whose ssh channel no longer drains still ends its
+processes when fedrun falls silent.
+
 It speaks a line protocol on stdin and stdout (docs/fedrun.md)::
 
     agent -> fedrun   @ready {"host", "cores", "python", "version", "pid"}
@@ -54,26 +58,101 @@ BROKER_TIMEOUT = 30.0
 JOIN_TIMEOUT = 60.0
 #: Dead workers replaced in the life of one agent, at most.
 MAX_REPLACEMENTS = 1000
+#: How long the agent tries to write its last lines before it exits.
+FLUSH_TIMEOUT = 2.0
 
 
 class _Out:
-    """Whole lines to fedrun, from any thread."""
+    """Whole lines to fedrun, from any thread, without ever blocking on fedrun.
 
-    def __init__(self, stream: IO[str]) -> None:
-        self.stream = stream
-        self.lock = threading.Lock()
+    One writer thread owns the agent's stdout and writes what the others
+    queue. When fedrun stops reading (a host cut off the network without a
+    reset: the ssh channel stops draining), that thread blocks in
+    ``write()`` holding no lock, and nothing else waits on it:
+
+    - the agent's own lines (``@spawn``, ``@exit``, ``@error``, ...) are
+      queued at once, whatever the queue holds (there are few, and small);
+    - ``@beat`` is dropped while the queue is full: fedrun is not reading;
+    - the children's lines (``@o``, ``@e``) wait for room, so that a chatty
+      child is slowed down rather than losing lines, until :meth:`close`.
+
+    So the silence rule can always end the host's processes, and the agent
+    exits even if its last lines cannot be written.
+    """
+
+    #: Bytes queued before the children's lines wait for room.
+    LIMIT = 1 << 20
+
+    def __init__(self, fd: int = 1) -> None:
+        self.fd = fd
+        self.changed = threading.Condition()
+        self.pending: Deque[bytes] = deque()
+        self.queued = 0  # bytes queued or being written
+        self.closed = False  # no more lines are taken
+        self.broken = False  # fedrun is gone: nothing more can be written
+        threading.Thread(target=self._write, name="agent-stdout", daemon=True).start()
 
     def send(self, tag: str, payload: str = "") -> None:
-        line = f"@{tag} {payload}" if payload else f"@{tag}"
-        with self.lock:
-            try:
-                self.stream.write(line + "\n")
-                self.stream.flush()
-            except (BrokenPipeError, ValueError):
-                pass  # fedrun is gone: the silence timeout ends us
+        """One of the agent's own lines: queued at once."""
+        self._put(_line(tag, payload), wait=False)
 
     def json(self, tag: str, value: Dict[str, Any]) -> None:
         self.send(tag, json.dumps(value, separators=(",", ":")))
+
+    def relay(self, tag: str, payload: str) -> None:
+        """A child's line: waits while the queue is full (and open)."""
+        self._put(_line(tag, payload), wait=True)
+
+    def beat(self) -> None:
+        """``@beat``, unless fedrun is not reading what we sent already."""
+        self._put(b"@beat\n", wait=False, droppable=True)
+
+    def _put(self, data: bytes, wait: bool, droppable: bool = False) -> None:
+        with self.changed:
+            if wait:
+                self.changed.wait_for(
+                    lambda: self.queued < self.LIMIT or self.closed or self.broken
+                )
+            if self.closed or self.broken or (droppable and self.queued >= self.LIMIT):
+                return
+            self.pending.append(data)
+            self.queued += len(data)
+            self.changed.notify_all()
+
+    def _write(self) -> None:
+        while True:
+            with self.changed:
+                self.changed.wait_for(lambda: bool(self.pending))
+                data = b"".join(self.pending)
+                self.pending.clear()
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self.fd, view):]
+            except OSError:  # fedrun is gone (EPIPE): the silence rule ends us
+                with self.changed:
+                    self.broken = True
+                    self.pending.clear()
+                    self.changed.notify_all()
+                return
+            with self.changed:
+                self.queued -= len(data)
+                self.changed.notify_all()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until everything queued is written (False: not within ``timeout``)."""
+        with self.changed:
+            return self.changed.wait_for(lambda: self.queued == 0 or self.broken, timeout)
+
+    def close(self) -> None:
+        """Take no more lines; children's lines waiting for room are dropped."""
+        with self.changed:
+            self.closed = True
+            self.changed.notify_all()
+
+
+def _line(tag: str, payload: str) -> bytes:
+    return (f"@{tag} {payload}\n" if payload else f"@{tag}\n").encode("utf-8", "replace")
 
 
 class HostAgent:
@@ -129,7 +208,7 @@ class HostAgent:
                 tail.append(text)
                 if text:
                     self.last_error[name] = text
-            self.out.send(tag, f"{name} {text}")
+            self.out.relay(tag, f"{name} {text}")
 
     def _watch(self, name: str, process: "subprocess.Popen[bytes]", readers: List[threading.Thread],
                tail: Deque[str]) -> None:
@@ -314,7 +393,7 @@ def _stdin_lines(lines: "queue.Queue[Optional[str]]") -> None:
 
 
 def main() -> int:
-    out = _Out(sys.stdout)
+    out = _Out()
     out.json("ready", {
         "host": socket.gethostname(),
         "cores": os.cpu_count() or 1,
@@ -329,7 +408,7 @@ def main() -> int:
 
     def beat() -> None:
         while not beating.wait(HEARTBEAT):
-            out.send("beat")
+            out.beat()
 
     threading.Thread(target=beat, daemon=True).start()
     status = 0
@@ -338,7 +417,11 @@ def main() -> int:
             try:
                 line = lines.get(timeout=SILENCE_TIMEOUT)
             except queue.Empty:
+                # fedrun may not read our lines either (a host cut off without a
+                # reset): say why if it can still be said, but take no more
+                # lines, so that ending the processes waits on no output
                 out.send("error", f"no word from fedrun for {SILENCE_TIMEOUT:g} s: stopping")
+                out.close()
                 status = 1
                 break
             if line is None or line == "@stop":
@@ -353,8 +436,10 @@ def main() -> int:
     except KeyboardInterrupt:
         status = 1
     finally:
-        agent.stop()
         beating.set()
+        agent.stop()
+        out.flush(FLUSH_TIMEOUT)  # the last lines, if fedrun still reads them
+        out.close()
     return status
 
 

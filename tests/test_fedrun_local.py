@@ -9,6 +9,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -417,4 +418,130 @@ def test_the_silence_rule_ends_everything_even_when_output_cannot_drain(tmp_path
         for reader in readers:
             reader.join(GUARD)
     assert "Traceback" not in "".join(err_lines)
+
+
+# -- a broker that hangs before it binds ------------------------------------------------------
+
+# On the PYTHONPATH of the agents and their children: a broker (the only
+# process given --ready-fd) of a run with HANG_BROKER set hangs before it
+# binds, and so before it watches its lifeline, deaf to SIGTERM.
+HANGING_BROKER = """\
+import os, signal, sys
+if os.environ.get("HANG_BROKER") and "--ready-fd" in sys.argv:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print("hanging before binding", file=sys.stderr, flush=True)
+    while True:
+        signal.pause()
+"""
+
+
+def test_a_broker_hanging_before_it_binds_is_ended_when_fedrun_stops(tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(HANGING_BROKER)  # beside the program
+    process = subprocess.Popen(
+        fedrun(["-N", "1", "-v", "--env", "HANG_BROKER=1"], PROGRAM, tmp_path),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    err = ""
+    pids = {}
+    try:
+        for line in process.stderr:
+            err += line
+            if line.rstrip() == f"[{HOST} {HOST}.broker] hanging before binding":
+                break
+        pids = started_pids(err)
+        process.send_signal(signal.SIGTERM)
+        out, rest = process.communicate(timeout=GUARD)
+        err += rest
+        assert process.returncode == 143, err
+        assert set(pids) == {f"{HOST}.agent", f"{HOST}.broker"}, err
+        assert gone_within(pids.values(), GUARD) == [], err
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+        for pid in wait_gone(pids.values(), 0):  # what this test started, by pid
+            os.kill(pid, signal.SIGKILL)
+    assert "the host agent did not stop" not in err  # it heard @stop at once
+
+
+class AgentDriver:
+    """A host agent run by hand, as fedrun runs it: lines on its stdin (a
+    @beat a second), its lines read back."""
+
+    def __init__(self, argv, env):
+        self.popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      text=True, env=env)
+        self.lines = []
+        self.changed = threading.Condition()
+        self.done = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._beat, daemon=True).start()
+
+    def _read(self):
+        for line in self.popen.stdout:
+            with self.changed:
+                self.lines.append(line.rstrip("\n"))
+                self.changed.notify_all()
+        with self.changed:
+            self.done.set()
+            self.changed.notify_all()
+
+    def _beat(self):
+        while not self.done.wait(1.0):  # fedrun's heartbeat schedule
+            self.send("@beat")
+
+    def send(self, line):
+        try:
+            self.popen.stdin.write(line + "\n")
+            self.popen.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            pass  # it ended
+
+    def wait_for(self, pattern):
+        regex = re.compile(pattern)
+
+        def found():
+            return next((m for m in map(regex.search, self.lines) if m), None)
+
+        with self.changed:
+            self.changed.wait_for(lambda: found() is not None or self.done.is_set(), GUARD)
+            match = found()
+        assert match is not None, f"the agent never said {pattern!r}:\n" + "\n".join(self.lines)
+        return match
+
+    def close(self):
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait()
+        self.done.wait(GUARD)
+
+
+def test_a_broker_that_never_says_ready_is_ended_and_the_agent_says_why(tmp_path):
+    """The agent's own limit (BROKER_TIMEOUT, 30 s; 1 s here): it ends the
+    broker, SIGTERM then SIGKILL, and reports it instead of waiting for ever."""
+    (tmp_path / "sitecustomize.py").write_text(HANGING_BROKER)
+    agent = AgentDriver(
+        [sys.executable, "-c", "import sys\nfrom futurefed.launch import hostagent\n"
+         "hostagent.BROKER_TIMEOUT = 1.0\nsys.exit(hostagent.main())"],
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT])),
+    )
+    broker = None
+    try:
+        agent.send("@start " + json.dumps({
+            "name": "h", "bind": "tcp://127.0.0.1:0", "advertise": None, "peers": [],
+            "workers": 1, "env": {"HANG_BROKER": "1"}, "nice": 0,
+        }))
+        broker = int(agent.wait_for(r"^@spawn h\.broker (\d+)$").group(1))
+        agent.wait_for(r"^@e h\.broker hanging before binding$")
+        agent.wait_for(r"^@error the broker did not start within 1 s, so the agent ended it"
+                       r" \(its last line: hanging before binding\)$")
+        agent.wait_for(r"^@exit h\.broker -9$")  # deaf to SIGTERM: killed
+        assert agent.popen.wait(GUARD) == 1
+        assert wait_gone([broker], GUARD) == []
+        assert not [line for line in agent.lines if line.startswith("@spawn h.w")]
+    finally:
+        agent.close()
+        if broker is not None:
+            for pid in wait_gone([broker], 0):
+                os.kill(pid, signal.SIGKILL)
 

@@ -11,9 +11,11 @@ It is the workers' supervisor: when one ends, it tells the broker at once
 (WORKER_EXIT, ``futurefed.supervisor``) how it ended and what it last wrote
 on stderr, then starts another in its place.
 
-Its lines go out through a writer thread (:class:`_Out`): nothing else waits
-on fedrun, so that a host whose ssh channel no longer drains still ends its
-processes when fedrun falls silent.
+Nothing it does waits on fedrun: the start runs in a thread of its own (a
+broker that hangs before binding is ended, and ``@stop``, the end of input
+and the silence rule are heard meanwhile), and its lines go out through a
+writer thread (:class:`_Out`), so that a host whose ssh channel no longer
+drains still ends its processes when fedrun falls silent.
 
 It speaks a line protocol on stdin and stdout (docs/fedrun.md)::
 
@@ -25,7 +27,7 @@ It speaks a line protocol on stdin and stdout (docs/fedrun.md)::
                       @exit NAME STATUS            a child ended (negative: by that signal)
                       @error MESSAGE               could not start; the agent exits 1
                       @beat                        every HEARTBEAT seconds
-    fedrun -> agent   @start {...}                 what to start (see :func:`_start`)
+    fedrun -> agent   @start {...}                 what to start (see :meth:`HostAgent.start`)
                       @beat                        every HEARTBEAT seconds
                       @stop                        end everything and exit
 """
@@ -43,7 +45,7 @@ import sys
 import threading
 import time
 from collections import deque
-from typing import IO, Any, Callable, Deque, Dict, List, Optional
+from typing import IO, Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from ..supervisor import STDERR_TAIL, report_exit
 
@@ -58,6 +60,8 @@ BROKER_TIMEOUT = 30.0
 JOIN_TIMEOUT = 60.0
 #: Dead workers replaced in the life of one agent, at most.
 MAX_REPLACEMENTS = 1000
+#: How long a child may take to exit after SIGTERM before SIGKILL.
+TERM_GRACE = 2.0
 #: How long the agent tries to write its last lines before it exits.
 FLUSH_TIMEOUT = 2.0
 
@@ -165,10 +169,11 @@ class HostAgent:
         self.last_error: Dict[str, str] = {}  # each child's last stderr line
         self.broker_address: Optional[str] = None  # where to report workers' ends
         self.restarts: Dict[str, Callable[[], Any]] = {}  # how to replace each worker
-        self.replacing = threading.Lock()
+        self.replacing = threading.Lock()  # held to start a child, and to begin stopping
         self.replaced = 0
         self.lifeline_r, self.lifeline_w = os.pipe()
         self.stopping = threading.Event()
+        self.starter: Optional[threading.Thread] = None  # runs :meth:`start`
         self.key: Any = None  # the federation key fedrun sent, if any
         self.key_file: Any = None  # it, for the children (security.KeyFile)
 
@@ -176,6 +181,11 @@ class HostAgent:
 
     def _spawn(self, name: str, argv: List[str], env: Dict[str, str], nice: int = 0,
                pass_fds: tuple = ()) -> "subprocess.Popen[bytes]":
+        """Start a child (call with :attr:`replacing` held): none once the
+        agent is stopping, so that :meth:`stop` sees every child."""
+        if self.stopping.is_set():
+            raise _Stopped()
+
         def lower_priority() -> None:
             if nice:
                 os.nice(nice)
@@ -234,6 +244,28 @@ class HostAgent:
 
     # -- starting --------------------------------------------------------------------------
 
+    def begin(self, text: str, failed: Callable[[str], None]) -> None:
+        """Start what the ``@start`` line's ``text`` asks (:meth:`start`) in
+        a thread of its own, so that the agent goes on hearing fedrun
+        meanwhile: ``@stop``, the end of its input and the silence rule stop
+        a start that hangs. ``failed(reason)`` if the start fails."""
+
+        def run() -> None:
+            try:
+                self.start(json.loads(text))
+            except _Stopped:
+                pass  # stop() came first: it ends what was started
+            except (_StartError, OSError, ValueError, KeyError, TypeError,
+                    subprocess.SubprocessError) as exc:
+                if not self.stopping.is_set():
+                    failed(str(exc) or type(exc).__name__)
+            except Exception as exc:  # a bug: the agent ends, the traceback on its stderr
+                failed(f"{type(exc).__name__}: {exc}")
+                raise
+
+        self.starter = threading.Thread(target=run, name="agent-start", daemon=True)
+        self.starter.start()
+
     def start(self, spec: Dict[str, Any]) -> None:
         """Start the broker, then the workers, as ``spec`` says::
 
@@ -243,19 +275,23 @@ class HostAgent:
 
         The key reaches the broker and workers in a file only this user can
         read, named by FUTUREFED_KEY_FILE, removed when the agent stops.
+        Raises :class:`_Stopped` if :meth:`stop` is called meanwhile.
         """
         from ..security import KEY_FILE_VARIABLE, FederationKey, KeyFile
 
         python = sys.executable
         name = str(spec["name"])
+        nice = int(spec.get("nice", 0))
         base_env = {**os.environ, **{str(k): str(v) for k, v in spec.get("env", {}).items()}}
         base_env["PYTHONUNBUFFERED"] = "1"
         if spec.get("key"):
             self.key = FederationKey.from_text(str(spec["key"]))
-            self.key_file = KeyFile(self.key)
+            with self.replacing:  # stop() removes it: not made after stop() began
+                if self.stopping.is_set():
+                    raise _Stopped()
+                self.key_file = KeyFile(self.key)
             base_env[KEY_FILE_VARIABLE] = self.key_file.path
         peers = spec.get("peers") or []
-        ready_r, ready_w = os.pipe()
         broker_env = {
             **base_env,
             "BROKER_NAME": name,
@@ -264,21 +300,7 @@ class HostAgent:
             "BROKER_ADDRESSES": " ".join(task for task, _ in peers),
             "META_ADDRESSES": " ".join(meta for _, meta in peers),
         }
-        argv = [python, "-m", "futurefed.broker", "--lifeline", str(self.lifeline_r),
-                "--ready-fd", str(ready_w)]
-        if spec.get("advertise"):
-            argv += ["--advertise", str(spec["advertise"])]
-        broker_name = f"{name}.broker"
-        broker = self._spawn(broker_name, argv, broker_env, pass_fds=(ready_w,))
-        os.close(ready_w)
-        ready = _read_ready(ready_r)
-        os.close(ready_r)
-        if ready is None:
-            status = broker.wait()
-            for reader in self.readers:
-                reader.join(STOP_TIMEOUT)
-            why = self.last_error.get(broker_name, f"exit status {status}")
-            raise _StartError(f"the broker did not start: {why}")
+        ready = self._start_broker(f"{name}.broker", python, spec, broker_env)
         self.out.json("broker", {"task": ready["advertised"], "meta": ready["advertised_meta"]})
         port = ready["task"].rsplit(":", 1)[1]
         self.broker_address = f"tcp://127.0.0.1:{port}"
@@ -298,12 +320,59 @@ class HostAgent:
                     # broker's WELCOME names the others once it has one)
                     "BROKER_ADDRESSES": broker_env["BROKER_ADDRESSES"],
                 },
-                nice=int(spec.get("nice", 0)),
+                nice=nice,
             )
             self.restarts[worker_name] = start
-            start()
-        joined = _await_workers(ready["meta"], count, self.children, self.key)
+            with self.replacing:
+                start()
+        joined = _await_workers(ready["meta"], count, self.children, self.key, self.lifeline_r)
+        if self.stopping.is_set():
+            raise _Stopped()
         self.out.json("joined", {"workers": joined})
+
+    def _start_broker(self, name: str, python: str, spec: Dict[str, Any],
+                      env: Dict[str, str]) -> Dict[str, Any]:
+        """Start the broker and read its ready line. A broker that does not
+        write it within :data:`BROKER_TIMEOUT` (it hangs before binding, and
+        so before it watches its lifeline) is ended here: SIGTERM, then
+        SIGKILL; so is one that is still starting when the agent stops."""
+        ready_r, ready_w = os.pipe()
+        try:
+            argv = [python, "-m", "futurefed.broker", "--lifeline", str(self.lifeline_r),
+                    "--ready-fd", str(ready_w)]
+            if spec.get("advertise"):
+                argv += ["--advertise", str(spec["advertise"])]
+            with self.replacing:
+                broker = self._spawn(name, argv, env, pass_fds=(ready_w,))
+            os.close(ready_w)
+            ready_w = -1
+            ready, outcome = _read_ready(ready_r, self.lifeline_r)
+        finally:
+            os.close(ready_r)
+            if ready_w != -1:
+                os.close(ready_w)
+        if ready is not None:
+            return ready
+        if outcome == "closed":  # it is exiting, most likely: its status says how
+            try:
+                broker.wait(TERM_GRACE)
+            except subprocess.TimeoutExpired:
+                pass
+        if broker.poll() is None:
+            _end(broker)
+        if self.stopping.is_set():
+            raise _Stopped()
+        status = broker.wait()
+        for reader in self.readers:
+            reader.join(STOP_TIMEOUT)
+        last = self.last_error.get(name)
+        if outcome == "timeout":
+            detail = f" (its last line: {last})" if last else ""
+            raise _StartError(
+                f"the broker did not start within {BROKER_TIMEOUT:g} s,"
+                f" so the agent ended it{detail}"
+            )
+        raise _StartError(f"the broker did not start: {last or f'exit status {status}'}")
 
     # -- stopping --------------------------------------------------------------------------
 
@@ -315,14 +384,16 @@ class HostAgent:
             self.stopping.set()
             os.close(self.lifeline_w)
         deadline = time.monotonic() + STOP_TIMEOUT
-        for process in self.children:
+        for process in list(self.children):
             try:
                 process.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        for reader in self.readers:
-            reader.join(STOP_TIMEOUT)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for thread in [self.starter, *self.readers]:  # all end once the children have
+            if thread is not None:
+                thread.join(max(0.0, deadline - time.monotonic()))
         if self.key_file is not None:
             self.key_file.close()
 
@@ -331,11 +402,27 @@ class _StartError(Exception):
     pass
 
 
+class _Stopped(Exception):
+    """The agent began to stop while it was starting things."""
+
+
+def _end(process: "subprocess.Popen[bytes]") -> None:
+    """SIGTERM, then SIGKILL if it has not exited within :data:`TERM_GRACE`."""
+    process.terminate()
+    try:
+        process.wait(TERM_GRACE)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def _await_workers(
-    meta_endpoint: str, count: int, children: List["subprocess.Popen[bytes]"], key: Any
+    meta_endpoint: str, count: int, children: List["subprocess.Popen[bytes]"], key: Any,
+    stop_fd: int,
 ) -> int:
     """Watch the broker's LOAD until ``count`` workers have joined it (or a
-    child died, or :data:`JOIN_TIMEOUT` passed); how many joined."""
+    child died, or :data:`JOIN_TIMEOUT` passed, or ``stop_fd`` became
+    readable: the agent is stopping); how many joined."""
     import zmq
 
     from .. import protocol as p
@@ -347,13 +434,19 @@ def _await_workers(
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     make_client(sub, key)
     sub.connect(f"tcp://127.0.0.1:{port}")
+    poller = zmq.Poller()
+    poller.register(sub, zmq.POLLIN)
+    poller.register(stop_fd, zmq.POLLIN)
     joined = 0
     deadline = time.monotonic() + JOIN_TIMEOUT
     try:
         while joined < count and time.monotonic() < deadline:
             if any(child.poll() is not None for child in children):
                 break
-            if not sub.poll(500):
+            events = dict(poller.poll(500))
+            if stop_fd in events:
+                break
+            if sub not in events:
                 continue
             message = p.decode(sub.recv_multipart())
             workers = message.meta.get("workers") if isinstance(message, p.Load) else None
@@ -369,27 +462,37 @@ def _meta_bind(bind: str) -> str:
     return f"{host}:0" if port in ("0", "*") else f"{host}:{int(port) + 1}"
 
 
-def _read_ready(fd: int) -> Optional[Dict[str, Any]]:
-    """The broker's ready line, or None if it exited (or hung) first."""
+def _read_ready(fd: int, stop_fd: int) -> "Tuple[Optional[Dict[str, Any]], str]":
+    """The broker's ready line and ``"ready"``; else None and why:
+    ``"closed"`` (its end closed first: it exited), ``"timeout"`` (nothing
+    within :data:`BROKER_TIMEOUT`) or ``"stopping"`` (``stop_fd``, the
+    lifeline's read end, became readable first: the agent is stopping)."""
     data = b""
     deadline = time.monotonic() + BROKER_TIMEOUT
-    while not data.endswith(b"\n") and time.monotonic() < deadline:
-        readable, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-        if not readable:
-            break
+    while not data.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None, "timeout"
+        readable, _, _ = select.select([fd, stop_fd], [], [], remaining)
+        if stop_fd in readable:
+            return None, "stopping"
+        if fd not in readable:
+            return None, "timeout"
         chunk = os.read(fd, 4096)
         if not chunk:
-            break
+            return None, "closed"
         data += chunk
-    if not data.endswith(b"\n"):
-        return None
-    return dict(json.loads(data))
+    return dict(json.loads(data)), "ready"
 
 
-def _stdin_lines(lines: "queue.Queue[Optional[str]]") -> None:
+def _stdin_lines(lines: "queue.Queue[object]") -> None:
     for line in sys.stdin:
         lines.put(line.rstrip("\n"))
     lines.put(None)
+
+
+#: Put on the queue of fedrun's lines when the start failed.
+_START_FAILED = object()
 
 
 def main() -> int:
@@ -402,7 +505,7 @@ def main() -> int:
         "pid": os.getpid(),
     })
     agent = HostAgent(out)
-    lines: "queue.Queue[Optional[str]]" = queue.Queue()
+    lines: "queue.Queue[object]" = queue.Queue()
     threading.Thread(target=_stdin_lines, args=(lines,), daemon=True).start()
     beating = threading.Event()
 
@@ -411,28 +514,9 @@ def main() -> int:
             out.beat()
 
     threading.Thread(target=beat, daemon=True).start()
-    status = 0
+    status = 1
     try:
-        while True:
-            try:
-                line = lines.get(timeout=SILENCE_TIMEOUT)
-            except queue.Empty:
-                # fedrun may not read our lines either (a host cut off without a
-                # reset): say why if it can still be said, but take no more
-                # lines, so that ending the processes waits on no output
-                out.send("error", f"no word from fedrun for {SILENCE_TIMEOUT:g} s: stopping")
-                out.close()
-                status = 1
-                break
-            if line is None or line == "@stop":
-                break
-            if line.startswith("@start "):
-                try:
-                    agent.start(json.loads(line[len("@start "):]))
-                except (_StartError, OSError, ValueError, KeyError, TypeError) as exc:
-                    out.send("error", str(exc))
-                    status = 1
-                    break
+        status = _serve(agent, out, lines)
     except KeyboardInterrupt:
         status = 1
     finally:
@@ -441,6 +525,32 @@ def main() -> int:
         out.flush(FLUSH_TIMEOUT)  # the last lines, if fedrun still reads them
         out.close()
     return status
+
+
+def _serve(agent: HostAgent, out: _Out, lines: "queue.Queue[object]") -> int:
+    """Follow fedrun's lines until ``@stop`` or the end of input (0), a
+    failed start, or :data:`SILENCE_TIMEOUT` without a line (1)."""
+
+    def failed(reason: str) -> None:
+        out.send("error", reason)
+        lines.put(_START_FAILED)
+
+    while True:
+        try:
+            line = lines.get(timeout=SILENCE_TIMEOUT)
+        except queue.Empty:
+            # fedrun may not read our lines either (a host cut off without a
+            # reset): say why if it can still be said, but take no more
+            # lines, so that ending the processes waits on no output
+            out.send("error", f"no word from fedrun for {SILENCE_TIMEOUT:g} s: stopping")
+            out.close()
+            return 1
+        if line is None or line == "@stop":
+            return 0
+        if line is _START_FAILED:
+            return 1
+        if isinstance(line, str) and line.startswith("@start ") and agent.starter is None:
+            agent.begin(line[len("@start "):], failed)
 
 
 def _version() -> str:

@@ -545,3 +545,116 @@ def test_a_broker_that_never_says_ready_is_ended_and_the_agent_says_why(tmp_path
             for pid in wait_gone([broker], 0):
                 os.kill(pid, signal.SIGKILL)
 
+
+# -- a host that is slow to start -------------------------------------------------------------
+
+# Two host agents on this machine, as fedrun runs them, each after its
+# prolog. h1's channel opens GATE once h1's agent has sent BEATS
+# heartbeats: by then h1's agent has been ready for longer than its silence
+# timeout, and has quit unless fedrun has beaten it all along. h2's channel
+# opens H1_GATE once fedrun reads h2's output, i.e. waits for its @ready.
+SLOW_HOST_SESSION = """\
+import os, sys
+from futurefed.launch.channels import AgentCommand, LocalChannel
+from futurefed.launch.session import Plan, Session
+
+program, gate, h1_gate, prolog1, prolog2, pythonpath, beats = sys.argv[1:]
+
+
+def open_gate(path):
+    os.write(os.open(path, os.O_RDWR), b"go\\n")  # O_RDWR: never blocks
+
+
+class OpensTheGate(LocalChannel):
+    def stdout(self):
+        count = 0
+        for line in super().stdout():
+            count += line.startswith("@beat")
+            if count == int(beats) and line.startswith("@beat"):
+                open_gate(gate)
+            yield line
+
+
+class OpensH1Gate(LocalChannel):
+    def stdout(self):
+        open_gate(h1_gate)
+        yield from super().stdout()
+
+
+commands = {
+    "h1": AgentCommand(env={"PYTHONPATH": pythonpath}, prolog=prolog1 or None),
+    "h2": AgentCommand(env={"PYTHONPATH": pythonpath}, prolog=prolog2),
+}
+plan = Plan(program=[sys.executable, program], workers=2, bind_host="127.0.0.1", verbose=True)
+sys.exit(Session(plan, [OpensTheGate("h1"), OpensH1Gate("h2")],
+                 lambda channel: commands[channel.label], lambda total, cores: [1, 1]).run())
+"""
+
+MAP_PROGRAM = """\
+from futurefed import FederatedExecutor
+
+with FederatedExecutor() as executor:
+    print("sum", sum(executor.map(abs, range(-100, 0))), flush=True)
+"""
+
+
+def run_slow_host_session(tmp_path, h1: str, h2: str):
+    """SLOW_HOST_SESSION with these prologs (h1's empty: none), in which
+    ``{gate}`` and ``{h1_gate}`` name its FIFOs; fedrun's output."""
+    from futurefed.launch.hostagent import SILENCE_TIMEOUT
+
+    program, gate, h1_gate = tmp_path / "prog.py", tmp_path / "gate", tmp_path / "h1-gate"
+    program.write_text(MAP_PROGRAM)
+    os.mkfifo(gate)
+    os.mkfifo(h1_gate)
+    prologs = []
+    for name, text in (("h1", h1), ("h2", h2)):
+        path = tmp_path / f"{name}.sh"
+        path.write_text(text.format(gate=gate, h1_gate=h1_gate))
+        prologs.append(str(path) if text else "")
+    try:
+        return subprocess.run(
+            [sys.executable, "-c", SLOW_HOST_SESSION, str(program), str(gate), str(h1_gate),
+             *prologs, ROOT, str(int(SILENCE_TIMEOUT) + 2)],
+            capture_output=True, text=True, timeout=GUARD,
+        )
+    finally:  # a prolog still at a gate goes on (and its agent finds no fedrun)
+        for fifo in (gate, h1_gate):
+            os.write(os.open(fifo, os.O_RDWR | os.O_NONBLOCK), b"go\n")
+
+
+@pytest.mark.parametrize("late", ["ready", "failing"])
+def test_a_slow_host_neither_stops_the_ready_ones_nor_takes_their_name(tmp_path, late):
+    """h1 is ready at once, h2 long after h1's agent would have given up on
+    a fedrun that does not beat it yet; h2 then starts or fails."""
+    then = "" if late == "ready" else 'echo "h2 gave up" >&2; exit 3\n'
+    result = run_slow_host_session(tmp_path, "", "read line < {gate}\n" + then)
+    assert "no word from fedrun" not in result.stderr
+    if late == "ready":
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == "sum 5050\n"
+    else:
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.splitlines()[-1] == (
+            "fedrun: h2: the host agent exited before it was ready (status 3): h2 gave up"
+        ), result.stderr
+    pids = started_pids(result.stderr)
+    assert "h1.agent" in pids
+    assert gone_within(pids.values(), GUARD) == []
+
+
+def test_a_host_that_fails_ends_the_start_without_waiting_for_a_slow_one(tmp_path):
+    """h1 fails once fedrun reads h2's output (and so waits for its @ready:
+    h1's failure takes a few processes' turns, fedrun's wait a few
+    bytecodes), and h2 stays at its gate (never opened: h1's agent never
+    beats): fedrun says so at once and ends h2's agent, which never said
+    @ready, without waiting for it (READY_TIMEOUT is 60 s, the guard here)."""
+    result = run_slow_host_session(
+        tmp_path, 'read line < {h1_gate}\necho "h1 is broken" >&2; exit 4\n',
+        "read line < {gate}\n",
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == [
+        "fedrun: h1: the host agent exited before it was ready (status 4): h1 is broken"
+    ]
+

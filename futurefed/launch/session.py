@@ -13,8 +13,9 @@ The steps, each bounded in time:
 5. stop: ``@stop`` to every agent, wait for them, close the channels.
 
 Meanwhile a thread per channel relays the agents' output, prefixed with host
-and process, and a heartbeat thread notices a host that falls silent; either
-ends the session early with a one-line reason.
+and process, and a heartbeat thread beats every agent from the moment its
+channel opens and notices a host that falls silent; either ends the session
+early with a one-line reason.
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ class Session:
         self.failure: Optional[str] = None
         self.failed = threading.Event()
         self.stopping = False
+        self._ending = threading.Event()  # the heartbeats stop
         self.origin: Optional["subprocess.Popen[bytes]"] = None
         self._wake = threading.Event()  # the program ended, or the session failed
         self.key = plan.key or FederationKey.generate()
@@ -210,25 +212,37 @@ class Session:
         else:
             self.say(f"{agent.channel.label}: worker {name} {_how_it_ended(status)}; replacing it")
 
-    def _fail(self, reason: str) -> None:
-        if self.failure is None:
+    def _fail(self, reason: str) -> bool:
+        """End the session for ``reason``; False if another reason came
+        first (that one is the session's; say this one yourself)."""
+        first = self.failure is None
+        if first:
             self.failure = reason
         self.failed.set()
         self._wake.set()
+        for agent in self.agents:  # whoever waits for any of them stops waiting
+            with agent.changed:
+                agent.changed.notify_all()
+        return first
 
     # -- heartbeats ------------------------------------------------------------------------
 
     def _heartbeat(self) -> None:
-        while not self.failed.wait(HEARTBEAT):
-            if self.stopping:
-                return
+        """Beat every agent from the moment its channel is open, whether or
+        not the others are (an agent that hears nothing for 6 s stops), until
+        the teardown; a ready agent silent for LOST_AFTER is lost. An agent
+        not ready yet is not: READY_TIMEOUT and its reader speak for it."""
+        while not self._ending.wait(HEARTBEAT):
             now = time.monotonic()
             for agent in self.agents:
-                if agent.ended:
+                if not agent.opened or agent.ended:
                     continue
-                if not agent.channel.send("@beat") or now - agent.last_heard > LOST_AFTER:
+                sent = agent.channel.send("@beat")
+                silent = now - agent.last_heard
+                if agent.ready is None or self.failed.is_set() or self.stopping:
+                    continue
+                if not sent or silent > LOST_AFTER:
                     agent.lost = True
-                    silent = now - agent.last_heard
                     self._host_failed(agent, f"host lost (nothing heard for {silent:.0f} s)")
 
     def _broker_exited(self, agent: _Agent, status: str) -> None:
@@ -264,7 +278,8 @@ class Session:
 
     def _open(self, agent: _Agent) -> None:
         agent.channel.open(self.command(agent.channel))
-        agent.opened = True
+        agent.last_heard = time.monotonic()
+        agent.opened = True  # the heartbeat thread beats it from now on
         threading.Thread(target=self._read, args=(agent,), daemon=True).start()
         with agent.changed:
             agent.changed.wait_for(
@@ -274,7 +289,9 @@ class Session:
             raise LaunchError(f"{agent.channel.label}: the host agent was not ready within {READY_TIMEOUT:g} s")
 
     def _open_all(self) -> None:
-        """Open every channel at once; every host that fails is named."""
+        """Open every channel at once (32 at a time); every host that fails
+        is named on a line of its own, the session's reason last."""
+        threading.Thread(target=self._heartbeat, daemon=True).start()
         errors = []
         with futures.ThreadPoolExecutor(max_workers=min(32, len(self.agents))) as pool:
             done = [pool.submit(self._open, agent) for agent in self.agents]
@@ -285,12 +302,9 @@ class Session:
                     errors.append(str(exc))
         for error in errors[:-1]:
             self.say(error)
-        if errors:
-            self._fail(errors[-1])
-        for agent in self.agents:
-            agent.last_heard = time.monotonic()
+        if errors and not self._fail(errors[-1]):
+            self.say(errors[-1])
         self._check()
-        threading.Thread(target=self._heartbeat, daemon=True).start()
 
     def _check(self) -> None:
         if self.failed.is_set():
@@ -440,28 +454,34 @@ class Session:
                 signal.signal(signal.SIGTERM, previous)
         return status
 
-    def _await_agent(self, agent: _Agent, deadline: float) -> str:
+    def _await_agent(self, agent: _Agent, deadline: float, began: float) -> str:
         """Wait for ``agent`` to exit: "exited", or "silent" if it falls
-        silent first (its host cut off), or "late" at the deadline."""
+        silent first (its host cut off), or "late" at the deadline. An agent
+        not ready yet has said nothing since it opened: its silence counts
+        from ``began``, the teardown's start, as a closed connection would
+        not end what its shell still runs (a login script, a failing start)."""
         while time.monotonic() < deadline:
             if agent.channel.wait(min(HEARTBEAT / 2, deadline - time.monotonic())) is not None:
                 return "exited"
-            if time.monotonic() - agent.last_heard > LOST_AFTER / 2:
+            heard = agent.last_heard if agent.ready is not None else max(agent.last_heard, began)
+            if time.monotonic() - heard > LOST_AFTER / 2:
                 return "silent"
         return "late"
 
     def _stop(self) -> None:
         """Tell every agent to stop and wait for them (bounded); close."""
         self.stopping = True
+        self._ending.set()
         self._interrupt_origin(signal.SIGTERM)
         for agent in self.agents:
             agent.channel.send("@stop")
             agent.channel.close_input()
-        deadline = time.monotonic() + STOP_TIMEOUT
+        began = time.monotonic()
+        deadline = began + STOP_TIMEOUT
         for agent in self.agents:
             if not agent.opened:
                 continue
-            outcome = "silent" if agent.lost else self._await_agent(agent, deadline)
+            outcome = "silent" if agent.lost else self._await_agent(agent, deadline, began)
             if outcome == "silent":
                 # unreachable: its agent ends everything once it hears nothing
                 agent.channel.kill()

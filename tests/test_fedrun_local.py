@@ -658,3 +658,67 @@ def test_a_host_that_fails_ends_the_start_without_waiting_for_a_slow_one(tmp_pat
         "fedrun: h1: the host agent exited before it was ready (status 4): h1 is broken"
     ]
 
+
+# -- signals during the teardown --------------------------------------------------------------
+
+# Ignores SIGINT and SIGTERM, saying so each time.
+STUBBORN_PROGRAM = """\
+import os, signal
+from futurefed import FederatedExecutor
+
+def note(signum, frame):
+    print("got", signum, flush=True)
+
+signal.signal(signal.SIGINT, note)
+signal.signal(signal.SIGTERM, note)
+with FederatedExecutor() as executor:
+    assert executor.submit(abs, -1).result() == 1
+    print("ready", os.getpid(), flush=True)
+    while True:
+        signal.pause()
+"""
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_more_signals_during_the_teardown_end_a_stubborn_program(tmp_path, sig, status):
+    """A program that ignores SIGINT and SIGTERM; the user signals fedrun
+    again each time fedrun passes a signal on to it. Every signal after the
+    first makes fedrun kill the program, and the teardown completes."""
+    process = subprocess.Popen(
+        fedrun(["-N", "1", "-v"], STUBBORN_PROGRAM, tmp_path), stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    program, relayed, err_lines = None, [], []
+
+    def signal_again():
+        for line in process.stdout:
+            if line.startswith("got ") and len(relayed) < 3 and process.poll() is None:
+                relayed.append(int(line.split()[1]))
+                process.send_signal(sig)  # the user insists
+
+    readers = [threading.Thread(target=signal_again, daemon=True),
+               threading.Thread(target=lambda: err_lines.extend(process.stderr), daemon=True)]
+    try:
+        ready, pid = process.stdout.readline().split()
+        assert ready == "ready"
+        program = int(pid)
+        for reader in readers:
+            reader.start()
+        process.send_signal(sig)
+        process.wait(GUARD)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if program is not None:
+            for pid in wait_gone([program], 0):  # it survived fedrun: end it here
+                os.kill(pid, signal.SIGKILL)
+        for reader in readers:
+            reader.join(GUARD)
+    err = "".join(err_lines)
+    assert process.returncode == status, err
+    assert "Traceback" not in err
+    assert relayed == [int(sig)], relayed  # fedrun passed it on once, then killed it
+    pids = started_pids(err)
+    assert len(pids) == 3
+    assert gone_within([program, *pids.values()], GUARD) == []

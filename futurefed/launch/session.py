@@ -16,6 +16,9 @@ Meanwhile a thread per channel relays the agents' output, prefixed with host
 and process, and a heartbeat thread beats every agent from the moment its
 channel opens and notices a host that falls silent; either ends the session
 early with a one-line reason.
+
+Once the session ends (or a first SIGINT or SIGTERM ends it), later signals
+cannot interrupt the teardown: they make it kill the program at once.
 """
 
 from __future__ import annotations
@@ -295,11 +298,15 @@ class Session:
         errors = []
         with futures.ThreadPoolExecutor(max_workers=min(32, len(self.agents))) as pool:
             done = [pool.submit(self._open, agent) for agent in self.agents]
-            for future in done:
-                try:
-                    future.result()
-                except LaunchError as exc:
-                    errors.append(str(exc))
+            try:
+                for future in done:
+                    try:
+                        future.result()
+                    except LaunchError as exc:
+                        errors.append(str(exc))
+            except (KeyboardInterrupt, _Terminated):
+                self._fail("interrupted")  # the opens still waiting for @ready stop waiting
+                raise
         for error in errors[:-1]:
             self.say(error)
         if errors and not self._fail(errors[-1]):
@@ -393,7 +400,8 @@ class Session:
                 pass
         except KeyboardInterrupt:
             # A Ctrl-C at the terminal reached the program too: give it time
-            # to end on its own before asking again.
+            # to end on its own before asking again (another Ctrl-C meanwhile
+            # kills it: see _hurry).
             try:
                 origin.wait(ORIGIN_GRACE / 5)
             except subprocess.TimeoutExpired:
@@ -420,19 +428,36 @@ class Session:
     def run(self) -> int:
         """The session's exit status: the origin's, or 1 when fedrun itself
         failed (the reason printed on one line), 130/143 on SIGINT/SIGTERM."""
-
-        def terminate(signum: int, frame: Any) -> None:
-            raise _Terminated
-
-        previous = signal.signal(signal.SIGTERM, terminate)
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for sig in previous:
+            signal.signal(sig, self._first_signal)
         status = 1
+        try:
+            status = self._run()
+        except KeyboardInterrupt:
+            self.say("interrupted")
+            status = 130
+        except _Terminated:
+            self.say("terminated")
+            status = 143
+        finally:
+            self._teardown_signals()  # first: nothing may interrupt the teardown
+            try:
+                self._stop()
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+        return status
+
+    def _run(self) -> int:
         try:
             self._open_all()
             address = self._start_brokers()
             if self.plan.tunnel:
                 address = self.agents[0].channel.tunnel(address)
                 if self.plan.verbose:
-                    self.say(f"the program reaches {self.agents[0].channel.label}'s broker through ssh at {address}")
+                    label = self.agents[0].channel.label
+                    self.say(f"the program reaches {label}'s broker through ssh at {address}")
             status = self._run_origin(address)
             if self.failed.is_set():  # the program was stopped for it
                 self.say(self.failure or "failed")
@@ -440,19 +465,28 @@ class Session:
         except (SessionError, LaunchError) as exc:
             self.say(str(exc))
             status = 1
-        except KeyboardInterrupt:
-            self.say("interrupted")
-            status = 130
-        except _Terminated:
-            self._interrupt_origin(signal.SIGTERM)
-            self.say("terminated")
-            status = 143
-        finally:
-            try:
-                self._stop()
-            finally:
-                signal.signal(signal.SIGTERM, previous)
         return status
+
+    # -- signals ---------------------------------------------------------------------------
+
+    def _first_signal(self, signum: int, frame: Any) -> None:
+        """The first SIGINT or SIGTERM ends the session: later ones must not
+        interrupt its teardown, so the handlers change before it raises."""
+        self._teardown_signals()
+        raise KeyboardInterrupt if signum == signal.SIGINT else _Terminated
+
+    def _teardown_signals(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._hurry)
+
+    def _hurry(self, signum: int, frame: Any) -> None:
+        """A SIGINT or SIGTERM during the teardown: the program is killed
+        now rather than after its grace; the teardown goes on, bounded as
+        ever. (Nothing here may wait for a lock the interrupted code could
+        hold: Popen.kill only tries its own, without waiting.)"""
+        origin = self.origin
+        if origin is not None:
+            origin.kill()  # nothing if it has been reaped already
 
     def _await_agent(self, agent: _Agent, deadline: float, began: float) -> str:
         """Wait for ``agent`` to exit: "exited", or "silent" if it falls
@@ -469,7 +503,8 @@ class Session:
         return "late"
 
     def _stop(self) -> None:
-        """Tell every agent to stop and wait for them (bounded); close."""
+        """Stop the program (SIGTERM, then SIGKILL), tell every agent to stop
+        and wait for them (bounded); close."""
         self.stopping = True
         self._ending.set()
         self._interrupt_origin(signal.SIGTERM)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -136,9 +137,29 @@ def test_a_failing_program_fails_fedrun(tmp_path):
     (["--env", "X", "prog.py"], "--env 'X' is not NAME=VALUE"),
     (["--hosts", "a:b:c:d", "prog.py"], "--hosts"),
     (["--launcher", "srun", "prog.py"], "only inside a SLURM allocation"),
+    (["--hosts", "a..b", "prog.py"], "fedrun: --hosts 'a..b': host 'a..b' has an empty label"),
+    (["--hosts", ".node1", "prog.py"], "fedrun: --hosts '.node1': host '.node1' has an empty"),
+    (["--hosts", "n1", "--ssh-config", "port.conf", "prog.py"],
+     "fedrun: n1: ssh config port.conf: Port 'abc' is not a port (1-65535)"),
+    (["--hosts", "n1", "--ssh-config", "name.conf", "prog.py"],
+     "fedrun: n1: ssh config name.conf: HostName 'a..b' has an empty label"),
+    (["--hosts", "n1", "--ssh-config", "confdir", "prog.py"],
+     "fedrun: cannot read ssh config confdir: Is a directory"),
+    (["--hosts", "n1", "--ssh-config", "none.conf", "prog.py"],
+     "fedrun: cannot read ssh config none.conf: No such file or directory"),
+    (["--nice", "99999999999", "prog.py"], "fedrun: --nice 99999999999 is out of range (-20 to"),
+    (["--nice", "-21", "prog.py"], "fedrun: --nice -21 is out of range (-20 to 19)"),
+    (["--connect-timeout", "0", "prog.py"], "fedrun: --connect-timeout 0: give a number of"),
+    (["--connect-timeout", "-1", "prog.py"], "fedrun: --connect-timeout -1: give a number"),
+    (["--connect-timeout", "nan", "prog.py"], "fedrun: --connect-timeout nan: give a number"),
+    (["--connect-timeout", "inf", "prog.py"], "fedrun: --connect-timeout inf: give a number"),
+    (["--log-dir", "prog.py", "prog.py"], "fedrun: --log-dir prog.py: not a directory"),
 ])
 def test_bad_arguments_are_one_line_and_status_2(tmp_path, args, message):
     (tmp_path / "prog.py").write_text("pass\n")
+    (tmp_path / "port.conf").write_text("Host n1\n    HostName 127.0.0.1\n    Port abc\n")
+    (tmp_path / "name.conf").write_text("Host n1\n    HostName a..b\n")
+    (tmp_path / "confdir").mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PBS_", "PE_HOSTFILE"))}
     result = subprocess.run(
         command("fedrun") + args, capture_output=True, text=True, timeout=GUARD, cwd=tmp_path, env=env,
@@ -147,6 +168,49 @@ def test_bad_arguments_are_one_line_and_status_2(tmp_path, args, message):
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr
+
+
+def without_privilege(*capabilities: str) -> list:
+    """A prefix that runs a command without these capabilities (root has
+    them all: a directory of mode 0555 is writable to root, a negative nice
+    allowed), or nothing when this user lacks them anyway."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("root, and no setpriv to drop privileges with")
+    return [setpriv, "--bounding-set", ",".join(f"-{c}" for c in capabilities)]
+
+
+def test_a_log_dir_that_cannot_be_written_is_a_bad_argument(tmp_path):
+    (tmp_path / "prog.py").write_text("pass\n")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    for log_dir in (locked, locked / "logs"):
+        result = subprocess.run(
+            without_privilege("dac_override", "dac_read_search") + command("fedrun")
+            + ["--log-dir", str(log_dir), "prog.py"],
+            capture_output=True, text=True, timeout=GUARD, cwd=tmp_path,
+        )
+        assert (result.returncode, result.stderr) == (
+            2, f"fedrun: --log-dir {log_dir}: cannot write there: Permission denied\n"
+        )
+
+
+def test_a_negative_nice_without_privilege_fails_the_host_in_one_line(tmp_path):
+    result = subprocess.run(
+        without_privilege("sys_nice")
+        + fedrun(["-N", "1", "-v", "--nice", "-5"], PROGRAM, tmp_path),
+        capture_output=True, text=True, timeout=GUARD,
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"fedrun: {HOST}: cannot give the workers niceness -5 (--nice -5): Operation not permitted"
+    )
+    assert "Traceback" not in result.stderr
+    pids = started_pids(result.stderr)
+    assert list(pids) == [f"{HOST}.agent"]  # nothing else was started
+    assert gone_within(pids.values(), GUARD) == []
 
 
 def test_a_port_that_cannot_be_bound(tmp_path):

@@ -190,11 +190,14 @@ class HostAgent:
             if nice:
                 os.nice(nice)
 
-        process = subprocess.Popen(
-            argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, pass_fds=(self.lifeline_r, *pass_fds),
-            preexec_fn=lower_priority if nice else None,
-        )
+        try:
+            process = subprocess.Popen(
+                argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, pass_fds=(self.lifeline_r, *pass_fds),
+                preexec_fn=lower_priority if nice else None,
+            )
+        except subprocess.SubprocessError as exc:  # os.nice failed in the child
+            raise _StartError(f"cannot start {name}: {exc}") from None
         self.children.append(process)
         self.out.send("spawn", f"{name} {process.pid}")
         tail: Deque[str] = deque(maxlen=STDERR_TAIL)  # this process's, not its name's
@@ -282,6 +285,8 @@ class HostAgent:
         python = sys.executable
         name = str(spec["name"])
         nice = int(spec.get("nice", 0))
+        if nice < 0:
+            _check_nice(nice)  # before anything starts
         base_env = {**os.environ, **{str(k): str(v) for k, v in spec.get("env", {}).items()}}
         base_env["PYTHONUNBUFFERED"] = "1"
         if spec.get("key"):
@@ -414,6 +419,23 @@ def _end(process: "subprocess.Popen[bytes]") -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def _check_nice(nice: int) -> None:
+    """Raise :class:`_StartError` unless the workers may have their niceness
+    changed by ``nice`` on this host (a negative one needs privileges): tried
+    in a throwaway process, before anything is started."""
+    probe = subprocess.run(
+        [sys.executable, "-I", "-S", "-c",
+         "import os, sys\ntry:\n    os.nice(int(sys.argv[1]))\n"
+         "except OSError as exc:\n    sys.exit(exc.strerror)", str(nice)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        timeout=BROKER_TIMEOUT,
+    )
+    if probe.returncode != 0:
+        lines = probe.stderr.decode("utf-8", "replace").strip().splitlines()
+        reason = lines[-1] if lines else f"exit status {probe.returncode}"
+        raise _StartError(f"cannot give the workers niceness {nice} (--nice {nice}): {reason}")
 
 
 def _await_workers(

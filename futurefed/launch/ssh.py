@@ -18,7 +18,8 @@ from typing import IO, Any, List, Optional
 
 import paramiko
 
-from ..hosts import Host
+from ..errors import ConfigError
+from ..hosts import Host, name_problem
 from .channels import AgentCommand, Channel, LaunchError
 
 __all__ = ["SshChannel", "SshOptions"]
@@ -68,18 +69,32 @@ class SshChannel(Channel):
 
     def _resolve(self) -> "tuple[str, Optional[str], int, List[str]]":
         """HostName, User, Port and IdentityFile as OpenSSH would resolve
-        them (UserKnownHostsFile too); what --hosts says wins."""
+        them (UserKnownHostsFile too); what --hosts says wins. A config that
+        cannot be read (``--ssh-config`` must exist; ``~/.ssh/config`` may
+        not) or holds a value that cannot be used is a ConfigError: a bad
+        argument, found before anything starts."""
         config = paramiko.SSHConfig()
         path = self.options.config_file or os.path.expanduser("~/.ssh/config")
-        if os.path.exists(path):
+        if self.options.config_file or os.path.exists(path):
             try:
                 config = paramiko.SSHConfig.from_path(path)
             except (OSError, paramiko.ssh_exception.ConfigParseError) as exc:
-                raise LaunchError(f"{self.label}: cannot read ssh config {path}: {exc}") from None
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                raise ConfigError(f"cannot read ssh config {path}: {reason}") from None
         found = config.lookup(self.host.name)
         hostname = str(found.get("hostname", self.host.name)).strip("[]")
+        problem = name_problem(hostname) if "hostname" in found and ":" not in hostname else None
+        if problem:
+            raise ConfigError(f"{self.label}: ssh config {path}: HostName {hostname!r} {problem}")
         user = self.host.user or found.get("user")
-        port = self.host.port or int(found.get("port", 22))
+        port = self.host.port
+        if port is None:
+            text = str(found.get("port", "22"))
+            if not (text.isdigit() and 1 <= int(text) <= 65535):
+                raise ConfigError(
+                    f"{self.label}: ssh config {path}: Port {text!r} is not a port (1-65535)"
+                )
+            port = int(text)
         keys = [self.options.identity] if self.options.identity else list(found.get("identityfile", []))
         known = found.get("userknownhostsfile")
         if known and not self.options.known_hosts:
@@ -110,6 +125,8 @@ class SshChannel(Channel):
             )
         except socket.gaierror as exc:
             raise LaunchError(f"{self.label}: unknown host {self.hostname} ({exc.strerror})") from None
+        except UnicodeError as exc:  # a name the resolver cannot even encode (IDNA)
+            raise LaunchError(f"{self.label}: unknown host {self.hostname} ({exc})") from None
         except paramiko.AuthenticationException as exc:
             raise LaunchError(f"{self.label}: authentication failed for {where}: {exc}") from None
         except paramiko.BadHostKeyException:

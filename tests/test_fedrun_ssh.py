@@ -447,3 +447,18 @@ def test_tunnel_needs_ssh(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr == "fedrun: --tunnel needs hosts reached by ssh\n"
+
+
+def test_an_interpreter_path_with_an_equals_sign(cluster, tmp_path):
+    """env takes every word with a '=' before the command for an assignment:
+    such an interpreter must still be run, not set."""
+    odd = tmp_path / "py=3" / "python"
+    odd.parent.mkdir()
+    odd.write_text(f"#!/bin/sh\nexec {cluster.python} \"$@\"\n")
+    odd.chmod(0o755)
+    program = write_program(tmp_path)
+    result = run(cluster, tmp_path, "--hosts", "node1", "-N", "1", "--python-interpreter",
+                 str(odd), program)
+    assert result.returncode == 0, result.stderr
+    assert "workers: node1.w0" in result.stdout
+

@@ -101,7 +101,11 @@ def parser() -> argparse.ArgumentParser:
     )
     ssh = cli.add_argument_group("ssh")
     ssh.add_argument("--ssh-config", metavar="FILE", help="default: ~/.ssh/config, if it exists")
-    ssh.add_argument("--known-hosts", metavar="FILE", help="default: ~/.ssh/known_hosts")
+    ssh.add_argument(
+        "--known-hosts", metavar="FILE",
+        help="default: the ssh config's UserKnownHostsFile, else ~/.ssh/known_hosts;"
+        " /etc/ssh/ssh_known_hosts is read too, after it",
+    )
     ssh.add_argument("-i", "--identity", metavar="FILE", help="private key (overrides IdentityFile)")
     ssh.add_argument(
         "--accept-unknown-hosts", action="store_true",

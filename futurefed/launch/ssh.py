@@ -2,8 +2,9 @@
 
 A host is resolved as OpenSSH would: ``~/.ssh/config`` (or ``--ssh-config``)
 gives HostName, User, Port and IdentityFile for aliases and patterns; a
-user or port written in ``--hosts`` wins. Host keys are checked against
-known_hosts; an unknown key is refused unless ``accept_unknown`` is set.
+user or port written in ``--hosts`` wins. Host keys are checked against the
+user's known_hosts file and the system's, as OpenSSH checks them (the
+user's first); an unknown key is refused unless ``accept_unknown`` is set.
 """
 
 from __future__ import annotations
@@ -101,17 +102,33 @@ class SshChannel(Channel):
             self.known_hosts = os.path.expanduser(str(known).split()[0])
         return hostname, user, port, [os.path.expanduser(k) for k in keys if k]
 
-    def open(self, command: AgentCommand) -> None:
-        client = paramiko.SSHClient()
-        known = (
+    def known_hosts_files(self) -> List[str]:
+        """The files host keys are checked against, in order: the user's
+        (--known-hosts, else UserKnownHostsFile, else ~/.ssh/known_hosts),
+        then the system's, as OpenSSH reads both."""
+        user = (
             self.options.known_hosts or self.known_hosts or os.path.expanduser("~/.ssh/known_hosts")
         )
-        for path, load in ((SYSTEM_KNOWN_HOSTS, client.load_system_host_keys), (known, client.load_host_keys)):
+        files = [user]
+        if os.path.realpath(SYSTEM_KNOWN_HOSTS) != os.path.realpath(user):
+            files.append(SYSTEM_KNOWN_HOSTS)
+        return files
+
+    def open(self, command: AgentCommand) -> None:
+        client = paramiko.SSHClient()
+        # All in one table, the user's file first: paramiko checks a host
+        # against the first key of the server's type it finds there. (Its
+        # "system" table would be searched alone whenever it names the host,
+        # so a stale system entry would hide the user's.)
+        keys = client.get_host_keys()
+        files = self.known_hosts_files()
+        for path in files:
             if os.path.exists(path):
                 try:
-                    load(path)
+                    keys.load(path)
                 except (OSError, paramiko.SSHException) as exc:
                     raise LaunchError(f"{self.label}: cannot read known hosts {path}: {exc}") from None
+        known = " or ".join(files)
         client.set_missing_host_key_policy(
             _AcceptUnknown(self.label) if self.options.accept_unknown else paramiko.RejectPolicy()
         )

@@ -197,6 +197,33 @@ def test_a_log_dir_that_cannot_be_written_is_a_bad_argument(tmp_path):
         )
 
 
+def test_a_log_that_cannot_be_opened_is_said_and_the_run_goes_on(tmp_path):
+    logs = tmp_path / "logs"
+    (logs / f"{HOST}.broker.log").mkdir(parents=True)  # in the way of the broker's log
+    result = subprocess.run(
+        fedrun(["-N", "1", "--log-dir", str(logs)], PROGRAM, tmp_path),
+        capture_output=True, text=True, timeout=GUARD,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"workers: {HOST}.w0" in result.stdout.splitlines()
+    assert result.stderr.splitlines().count(
+        f"fedrun: cannot write {logs}/{HOST}.broker.log: Is a directory;"
+        f" {HOST}.broker's lines are not logged"
+    ) == 1, result.stderr
+    assert "says hello" in (logs / f"{HOST}.w0.log").read_text()
+
+
+def test_logs_are_appended_to(tmp_path):
+    logs = tmp_path / "logs"
+    for _ in range(2):
+        result = subprocess.run(
+            fedrun(["-N", "1", "--log-dir", str(logs)], PROGRAM, tmp_path),
+            capture_output=True, text=True, timeout=GUARD,
+        )
+        assert result.returncode == 0, result.stderr
+    assert (logs / f"{HOST}.w0.log").read_text().count("says hello") == 4  # 2 a run
+
+
 def test_a_negative_nice_without_privilege_fails_the_host_in_one_line(tmp_path):
     result = subprocess.run(
         without_privilege("sys_nice")

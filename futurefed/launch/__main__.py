@@ -118,7 +118,7 @@ def parser() -> argparse.ArgumentParser:
     output = cli.add_argument_group("output")
     output.add_argument(
         "--log-dir", metavar="DIR",
-        help="also write each broker's and worker's output to DIR/NAME.log (DIR is created"
+        help="also append each broker's and worker's output to DIR/NAME.log (DIR is created"
         " if missing)",
     )
     output.add_argument(

@@ -105,7 +105,7 @@ class Session:
         self.distribute = distribute
         self.out, self.err = out, err
         self.print_lock = threading.Lock()
-        self.logs: Dict[str, IO[str]] = {}
+        self.logs: Dict[str, Optional[IO[str]]] = {}  # None: it could not be opened
         self.failure: Optional[str] = None
         self.failed = threading.Event()
         self.stopping = False
@@ -127,10 +127,13 @@ class Session:
                 print(f"[{agent.channel.label} {name}] {text}", file=target, flush=True)
             else:
                 print(text, file=target, flush=True)
-            if self.plan.log_dir is not None:
-                log = self._log(name)
-                log.write(text + "\n")
-                log.flush()
+            log = self._log(name)
+            if log is not None:
+                try:
+                    log.write(text + "\n")
+                    log.flush()
+                except OSError as exc:
+                    self._log_failed(name, log.name, exc)
 
     # -- the agents' output --------------------------------------------------------------
 
@@ -191,19 +194,36 @@ class Session:
 
     def _spawned(self, agent: _Agent, rest: str) -> None:
         name, _, pid = rest.partition(" ")
-        if self.plan.log_dir is not None:
-            with self.print_lock:
-                self._log(name)
+        with self.print_lock:
+            self._log(name)  # created even if the process prints nothing
         if self.plan.verbose:
             self.say(f"{agent.channel.label}: started {name} (pid {pid})")
 
-    def _log(self, name: str) -> IO[str]:
-        """The session log of process ``name`` (call with print_lock held)."""
+    def _log(self, name: str) -> Optional[IO[str]]:
+        """The session log of process ``name``, opened to append on first
+        use; None without --log-dir or if it cannot be written (said once;
+        the session goes on). Call with print_lock held."""
+        if self.plan.log_dir is None:
+            return None
+        if name not in self.logs:
+            path = os.path.join(self.plan.log_dir, f"{_safe(name)}.log")
+            try:
+                self.logs[name] = open(path, "a", encoding="utf-8")
+            except OSError as exc:
+                self._log_failed(name, path, exc)
+        return self.logs[name]
+
+    def _log_failed(self, name: str, path: str, exc: OSError) -> None:
+        """Say once that ``name``'s log cannot be written (print_lock held)."""
         log = self.logs.get(name)
-        if log is None:
-            path = os.path.join(self.plan.log_dir or ".", f"{_safe(name)}.log")
-            log = self.logs[name] = open(path, "w", encoding="utf-8")
-        return log
+        self.logs[name] = None
+        if log is not None:
+            try:
+                log.close()
+            except OSError:
+                pass  # what it still held is lost with it
+        print(f"fedrun: cannot write {path}: {exc.strerror or exc}; {name}'s lines are not logged",
+              file=self.err, flush=True)
 
     def _child_exited(self, agent: _Agent, rest: str) -> None:
         name, _, status = rest.partition(" ")
@@ -525,7 +545,11 @@ class Session:
                 agent.channel.kill()
             agent.channel.close()
         for log in self.logs.values():
-            log.close()
+            if log is not None:
+                try:
+                    log.close()
+                except OSError:
+                    pass  # said when it failed, or lost with the disk
 
 
 def _die_with_parent() -> None:

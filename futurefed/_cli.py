@@ -27,8 +27,8 @@ _EPILOG = """environment (flags win over these):
   BROKER_NAME       the broker's name (default: broker)
   WORKER_NAME       a worker's name (default: origin)
   IS_ORIGIN         1 in the process that runs the user's program (default 1)
-  FUTUREFED_HEARTBEAT    seconds between heartbeats; a peer silent for 3 of
-                         them is lost (default 1)
+  FUTUREFED_HEARTBEAT    seconds between heartbeats, from 0.01 to 3600; a
+                         peer silent for 3 of them is lost (default 1)
   FUTUREFED_KEY_FILE     the federation's key file (made by fedkeys): every
                          socket then uses CurveZMQ and only holders of the
                          key may connect

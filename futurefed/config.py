@@ -18,6 +18,9 @@ __all__ = ["Environment", "check_address", "from_environ", "heartbeat_from_envir
 
 DEFAULT_BROKER_ADDRESS = "tcp://127.0.0.1:5555"
 DEFAULT_META_ADDRESS = "tcp://127.0.0.1:5556"
+#: FUTUREFED_HEARTBEAT's bounds, in seconds. Beyond the upper one, timeouts
+#: derived from it overflow (inf and 1e300 crashed workers).
+HEARTBEAT_RANGE = (0.01, 3600.0)
 
 _TCP = re.compile(r"^tcp://(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-*]+):(?P<port>\d+|\*)$")
 
@@ -119,17 +122,20 @@ def from_environ(environ: Optional[Mapping[str, str]] = None) -> Environment:
         broker_addresses=broker_addresses,
         meta_addresses=meta_addresses,
         configured=bool(env.get("BROKER_ADDRESS")),
-        heartbeat=_number(env, "FUTUREFED_HEARTBEAT", 1.0, float, low=0.01),
+        heartbeat=heartbeat_from_environ(env),
         max_retries=_number(env, "FUTUREFED_MAX_RETRIES", 3, int, low=0),
     )
 
 
 def heartbeat_from_environ(environ: Optional[Mapping[str, str]] = None) -> float:
     """FUTUREFED_HEARTBEAT alone (for an origin that joins by address)."""
-    return float(_number(os.environ if environ is None else environ, "FUTUREFED_HEARTBEAT", 1.0, float, low=0.01))
+    low, high = HEARTBEAT_RANGE
+    environ = os.environ if environ is None else environ
+    return float(_number(environ, "FUTUREFED_HEARTBEAT", 1.0, float, low=low, high=high))
 
 
-def _number(environ: Mapping[str, str], name: str, default: Any, kind: Any, low: float) -> Any:
+def _number(environ: Mapping[str, str], name: str, default: Any, kind: Any, low: float,
+            high: Optional[float] = None) -> Any:
     raw = environ.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -137,6 +143,8 @@ def _number(environ: Mapping[str, str], name: str, default: Any, kind: Any, low:
         value = kind(raw.strip())
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a {kind.__name__}") from None
+    if high is not None and not low <= value <= high:  # also rejects nan and inf
+        raise ConfigError(f"{name}={raw!r} must be a number from {low:g} to {high:g}")
     if not value >= low:  # also rejects nan
         raise ConfigError(f"{name}={raw!r} must be at least {low}")
     return value

@@ -16,9 +16,10 @@ means the ssh *port*; two numbers are the port, then the slots. So a port
 without a user needs slots too (or an ssh config alias), and a user with
 slots but the default port is ``user@host:22:N`` (or ``user@host N`` in a
 hostfile). ``host`` is a name of ``[A-Za-z0-9._-]`` not starting with ``-``
-(a short name, an FQDN, an IPv4 address or an ssh config alias), or an IPv6
-address in brackets: ``[::1]``, ``user@[fe80::1]:22:4``. Ports are 1-65535,
-slots at least 1.
+whose dot-separated labels have 1 to 63 characters (a short name, an FQDN,
+an IPv4 address or an ssh config alias; one final dot is allowed), or an
+IPv6 address in brackets: ``[::1]``, ``user@[fe80::1]:22:4``. Ports are
+1-65535, slots at least 1.
 
 A host named more than once (same name, user and port) is one host whose
 slots are the sum of the entries, an entry without slots counting one, as
@@ -42,6 +43,7 @@ __all__ = [
     "expand_nodelist",
     "expand_tasks_per_node",
     "from_allocation",
+    "name_problem",
     "parse_host",
     "parse_hostfile",
     "parse_hosts",
@@ -91,6 +93,19 @@ def _number(text: str, what: str, lowest: int, highest: Optional[int] = None) ->
     return value
 
 
+def name_problem(name: str) -> Optional[str]:
+    """Why the resolver cannot look ``name`` up, or None: each label (the
+    parts between dots) must have 1 to 63 characters; one final dot (an
+    absolute name) is allowed. (Python's resolver raises UnicodeError for
+    these, not a lookup failure.)"""
+    labels = (name[:-1] if name.endswith(".") else name).split(".")
+    if not all(labels):
+        return "has an empty label (a '.' at its start, or two in a row)"
+    if any(len(label) > 63 for label in labels):
+        return "has a label longer than 63 characters"
+    return None
+
+
 def _split_host(rest: str) -> Tuple[str, List[str]]:
     """``host[:n[:m]]`` -> (host, [n, m]); ValueError(reason) if malformed."""
     if rest.startswith("["):
@@ -118,6 +133,9 @@ def _split_host(rest: str) -> Tuple[str, List[str]]:
         raise ValueError("no host name")
     if not _NAME.fullmatch(name):
         raise ValueError(f"host {name!r} {_NAME_RULE}")
+    problem = name_problem(name)
+    if problem:
+        raise ValueError(f"host {name!r} {problem}")
     return name, numbers
 
 

@@ -97,6 +97,13 @@ def test_origin_joins_the_broker_named_by_the_environment(broker):
          "META_ADDRESSES has 2 entries, BROKER_ADDRESSES has 1"),
         ("fedbroker", ["--meta-address", "tcp://x:y"], {}, "--meta-address='tcp://x:y' is not"),
         ("fedworker", [], {"IS_ORIGIN": "maybe"}, "IS_ORIGIN='maybe' must be 1 or 0"),
+        # a worker took these and crashed later (Lock.acquire: OverflowError)
+        ("fedworker", [], {"FUTUREFED_HEARTBEAT": "inf"},
+         "FUTUREFED_HEARTBEAT='inf' must be a number from 0.01 to 3600"),
+        ("fedworker", [], {"FUTUREFED_HEARTBEAT": "1e300"},
+         "FUTUREFED_HEARTBEAT='1e300' must be a number from 0.01 to 3600"),
+        ("fedbroker", [], {"FUTUREFED_HEARTBEAT": "nan"},
+         "FUTUREFED_HEARTBEAT='nan' must be a number from 0.01 to 3600"),
     ],
 )
 def test_bad_configuration_is_one_line_and_status_2(name, args, env, message):
@@ -107,6 +114,18 @@ def test_bad_configuration_is_one_line_and_status_2(name, args, env, message):
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e300", "3600.5", "0.001"])
+def test_heartbeat_must_be_a_finite_number_in_range(value):
+    from futurefed.config import from_environ, heartbeat_from_environ
+    from futurefed.errors import ConfigError
+
+    for read in (from_environ, heartbeat_from_environ):  # a worker's, an origin's
+        with pytest.raises(ConfigError, match=r"^FUTUREFED_HEARTBEAT=.* must be a number from"):
+            read({"FUTUREFED_HEARTBEAT": value})
+    assert heartbeat_from_environ({"FUTUREFED_HEARTBEAT": "3600"}) == 3600.0
+    assert from_environ({"FUTUREFED_HEARTBEAT": "0.01"}).heartbeat == 0.01
 
 
 def test_broker_refuses_an_address_in_use(broker):

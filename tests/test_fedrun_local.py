@@ -6,9 +6,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
+import sys
+import threading
+import time
 
 import pytest
 
@@ -55,6 +59,13 @@ def fedrun(args, program, tmp_path, **kwargs):
 
 def started_pids(stderr: str) -> dict:
     return {name: int(pid) for name, pid in STARTED.findall(stderr)}
+
+
+def gone_within(pids, timeout: float) -> list:
+    """wait_gone with one deadline for all the pids (wait_gone gives each
+    its own): the pids still alive ``timeout`` seconds from now."""
+    deadline = time.monotonic() + timeout
+    return [pid for pid in pids if wait_gone([pid], max(0.0, deadline - time.monotonic()))]
 
 
 def test_runs_the_program_with_its_arguments_and_exit_status(tmp_path):
@@ -126,9 +137,29 @@ def test_a_failing_program_fails_fedrun(tmp_path):
     (["--env", "X", "prog.py"], "--env 'X' is not NAME=VALUE"),
     (["--hosts", "a:b:c:d", "prog.py"], "--hosts"),
     (["--launcher", "srun", "prog.py"], "only inside a SLURM allocation"),
+    (["--hosts", "a..b", "prog.py"], "fedrun: --hosts 'a..b': host 'a..b' has an empty label"),
+    (["--hosts", ".node1", "prog.py"], "fedrun: --hosts '.node1': host '.node1' has an empty"),
+    (["--hosts", "n1", "--ssh-config", "port.conf", "prog.py"],
+     "fedrun: n1: ssh config port.conf: Port 'abc' is not a port (1-65535)"),
+    (["--hosts", "n1", "--ssh-config", "name.conf", "prog.py"],
+     "fedrun: n1: ssh config name.conf: HostName 'a..b' has an empty label"),
+    (["--hosts", "n1", "--ssh-config", "confdir", "prog.py"],
+     "fedrun: cannot read ssh config confdir: Is a directory"),
+    (["--hosts", "n1", "--ssh-config", "none.conf", "prog.py"],
+     "fedrun: cannot read ssh config none.conf: No such file or directory"),
+    (["--nice", "99999999999", "prog.py"], "fedrun: --nice 99999999999 is out of range (-20 to"),
+    (["--nice", "-21", "prog.py"], "fedrun: --nice -21 is out of range (-20 to 19)"),
+    (["--connect-timeout", "0", "prog.py"], "fedrun: --connect-timeout 0: give a number of"),
+    (["--connect-timeout", "-1", "prog.py"], "fedrun: --connect-timeout -1: give a number"),
+    (["--connect-timeout", "nan", "prog.py"], "fedrun: --connect-timeout nan: give a number"),
+    (["--connect-timeout", "inf", "prog.py"], "fedrun: --connect-timeout inf: give a number"),
+    (["--log-dir", "prog.py", "prog.py"], "fedrun: --log-dir prog.py: not a directory"),
 ])
 def test_bad_arguments_are_one_line_and_status_2(tmp_path, args, message):
     (tmp_path / "prog.py").write_text("pass\n")
+    (tmp_path / "port.conf").write_text("Host n1\n    HostName 127.0.0.1\n    Port abc\n")
+    (tmp_path / "name.conf").write_text("Host n1\n    HostName a..b\n")
+    (tmp_path / "confdir").mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PBS_", "PE_HOSTFILE"))}
     result = subprocess.run(
         command("fedrun") + args, capture_output=True, text=True, timeout=GUARD, cwd=tmp_path, env=env,
@@ -137,6 +168,76 @@ def test_bad_arguments_are_one_line_and_status_2(tmp_path, args, message):
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr
+
+
+def without_privilege(*capabilities: str) -> list:
+    """A prefix that runs a command without these capabilities (root has
+    them all: a directory of mode 0555 is writable to root, a negative nice
+    allowed), or nothing when this user lacks them anyway."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("root, and no setpriv to drop privileges with")
+    return [setpriv, "--bounding-set", ",".join(f"-{c}" for c in capabilities)]
+
+
+def test_a_log_dir_that_cannot_be_written_is_a_bad_argument(tmp_path):
+    (tmp_path / "prog.py").write_text("pass\n")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    for log_dir in (locked, locked / "logs"):
+        result = subprocess.run(
+            without_privilege("dac_override", "dac_read_search") + command("fedrun")
+            + ["--log-dir", str(log_dir), "prog.py"],
+            capture_output=True, text=True, timeout=GUARD, cwd=tmp_path,
+        )
+        assert (result.returncode, result.stderr) == (
+            2, f"fedrun: --log-dir {log_dir}: cannot write there: Permission denied\n"
+        )
+
+
+def test_a_log_that_cannot_be_opened_is_said_and_the_run_goes_on(tmp_path):
+    logs = tmp_path / "logs"
+    (logs / f"{HOST}.broker.log").mkdir(parents=True)  # in the way of the broker's log
+    result = subprocess.run(
+        fedrun(["-N", "1", "--log-dir", str(logs)], PROGRAM, tmp_path),
+        capture_output=True, text=True, timeout=GUARD,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"workers: {HOST}.w0" in result.stdout.splitlines()
+    assert result.stderr.splitlines().count(
+        f"fedrun: cannot write {logs}/{HOST}.broker.log: Is a directory;"
+        f" {HOST}.broker's lines are not logged"
+    ) == 1, result.stderr
+    assert "says hello" in (logs / f"{HOST}.w0.log").read_text()
+
+
+def test_logs_are_appended_to(tmp_path):
+    logs = tmp_path / "logs"
+    for _ in range(2):
+        result = subprocess.run(
+            fedrun(["-N", "1", "--log-dir", str(logs)], PROGRAM, tmp_path),
+            capture_output=True, text=True, timeout=GUARD,
+        )
+        assert result.returncode == 0, result.stderr
+    assert (logs / f"{HOST}.w0.log").read_text().count("says hello") == 4  # 2 a run
+
+
+def test_a_negative_nice_without_privilege_fails_the_host_in_one_line(tmp_path):
+    result = subprocess.run(
+        without_privilege("sys_nice")
+        + fedrun(["-N", "1", "-v", "--nice", "-5"], PROGRAM, tmp_path),
+        capture_output=True, text=True, timeout=GUARD,
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"fedrun: {HOST}: cannot give the workers niceness -5 (--nice -5): Operation not permitted"
+    )
+    assert "Traceback" not in result.stderr
+    pids = started_pids(result.stderr)
+    assert list(pids) == [f"{HOST}.agent"]  # nothing else was started
+    assert gone_within(pids.values(), GUARD) == []
 
 
 def test_a_port_that_cannot_be_bound(tmp_path):
@@ -340,3 +441,375 @@ def test_every_option_with_a_value_is_known_to_the_argv_split():
         for option in action.option_strings
     }
     assert takes_value - {"-m", "--module"} == _VALUE_OPTIONS | _LIST_OPTIONS
+
+
+# -- fedrun falls silent while the agent's output does not drain ----------------------------
+
+# The task prints a kilobyte line every millisecond until its worker ends,
+# more than any pipe holds; the program prints "ready" once it runs.
+CHATTY_PROGRAM = """\
+import os, socket, sys, time
+from futurefed import FederatedExecutor
+
+def chatter(port):
+    socket.create_connection(("127.0.0.1", port)).close()  # it runs
+    while True:
+        print(os.environ["WORKER_NAME"], "x" * 1000, flush=True)
+        time.sleep(0.001)  # the workload's pace, not synchronisation
+
+with socket.create_server(("127.0.0.1", 0)) as server, FederatedExecutor() as executor:
+    server.settimeout(60)  # a deadlock guard
+    future = executor.submit(chatter, server.getsockname()[1])
+    server.accept()[0].close()
+    print("ready", flush=True)
+    future.exception()  # until the federation is gone
+"""
+
+
+def test_the_silence_rule_ends_everything_even_when_output_cannot_drain(tmp_path):
+    """fedrun stopped (SIGSTOP, as Ctrl-Z does; for the agent the same as a
+    host cut off without a reset): it neither beats nor reads, so the
+    agent's stdout fills with the workers' lines. After 6 s without a word
+    the agent must still end its broker, its workers and itself."""
+    process = subprocess.Popen(
+        fedrun(["-N", "1", "-v"], CHATTY_PROGRAM, tmp_path), stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    ready, spread, err_lines = threading.Event(), threading.Event(), []
+
+    def read_stdout():
+        for line in process.stdout:
+            if line == "ready\n":
+                ready.set()
+
+    def read_stderr():
+        for line in process.stderr:
+            err_lines.append(line)
+            if re.match(r"fedrun: 1 workers ", line):  # after every "started" line
+                spread.set()
+
+    readers = [threading.Thread(target=f, daemon=True) for f in (read_stdout, read_stderr)]
+    for reader in readers:
+        reader.start()
+    try:
+        assert ready.wait(GUARD) and spread.wait(GUARD), "".join(err_lines)
+        pids = started_pids("".join(err_lines))
+        assert len(pids) == 3, err_lines
+        process.send_signal(signal.SIGSTOP)
+        try:
+            left = gone_within(pids.values(), GUARD)
+        finally:
+            process.send_signal(signal.SIGCONT)
+        assert left == [], f"still running with fedrun stopped: {left} of {pids}"
+        assert process.wait(GUARD) == 1
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for reader in readers:
+            reader.join(GUARD)
+    assert "Traceback" not in "".join(err_lines)
+
+
+# -- a broker that hangs before it binds ------------------------------------------------------
+
+# On the PYTHONPATH of the agents and their children: a broker (the only
+# process given --ready-fd) of a run with HANG_BROKER set hangs before it
+# binds, and so before it watches its lifeline, deaf to SIGTERM.
+HANGING_BROKER = """\
+import os, signal, sys
+if os.environ.get("HANG_BROKER") and "--ready-fd" in sys.argv:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print("hanging before binding", file=sys.stderr, flush=True)
+    while True:
+        signal.pause()
+"""
+
+
+def test_a_broker_hanging_before_it_binds_is_ended_when_fedrun_stops(tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(HANGING_BROKER)  # beside the program
+    process = subprocess.Popen(
+        fedrun(["-N", "1", "-v", "--env", "HANG_BROKER=1"], PROGRAM, tmp_path),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    err = ""
+    pids = {}
+    try:
+        for line in process.stderr:
+            err += line
+            if line.rstrip() == f"[{HOST} {HOST}.broker] hanging before binding":
+                break
+        pids = started_pids(err)
+        process.send_signal(signal.SIGTERM)
+        out, rest = process.communicate(timeout=GUARD)
+        err += rest
+        assert process.returncode == 143, err
+        assert set(pids) == {f"{HOST}.agent", f"{HOST}.broker"}, err
+        assert gone_within(pids.values(), GUARD) == [], err
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+        for pid in wait_gone(pids.values(), 0):  # what this test started, by pid
+            os.kill(pid, signal.SIGKILL)
+    assert "the host agent did not stop" not in err  # it heard @stop at once
+
+
+class AgentDriver:
+    """A host agent run by hand, as fedrun runs it: lines on its stdin (a
+    @beat a second), its lines read back."""
+
+    def __init__(self, argv, env):
+        self.popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      text=True, env=env)
+        self.lines = []
+        self.changed = threading.Condition()
+        self.done = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._beat, daemon=True).start()
+
+    def _read(self):
+        for line in self.popen.stdout:
+            with self.changed:
+                self.lines.append(line.rstrip("\n"))
+                self.changed.notify_all()
+        with self.changed:
+            self.done.set()
+            self.changed.notify_all()
+
+    def _beat(self):
+        while not self.done.wait(1.0):  # fedrun's heartbeat schedule
+            self.send("@beat")
+
+    def send(self, line):
+        try:
+            self.popen.stdin.write(line + "\n")
+            self.popen.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            pass  # it ended
+
+    def wait_for(self, pattern):
+        regex = re.compile(pattern)
+
+        def found():
+            return next((m for m in map(regex.search, self.lines) if m), None)
+
+        with self.changed:
+            self.changed.wait_for(lambda: found() is not None or self.done.is_set(), GUARD)
+            match = found()
+        assert match is not None, f"the agent never said {pattern!r}:\n" + "\n".join(self.lines)
+        return match
+
+    def close(self):
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait()
+        self.done.wait(GUARD)
+
+
+def test_a_broker_that_never_says_ready_is_ended_and_the_agent_says_why(tmp_path):
+    """The agent's own limit (BROKER_TIMEOUT, 30 s; 1 s here): it ends the
+    broker, SIGTERM then SIGKILL, and reports it instead of waiting for ever."""
+    (tmp_path / "sitecustomize.py").write_text(HANGING_BROKER)
+    agent = AgentDriver(
+        [sys.executable, "-c", "import sys\nfrom futurefed.launch import hostagent\n"
+         "hostagent.BROKER_TIMEOUT = 1.0\nsys.exit(hostagent.main())"],
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT])),
+    )
+    broker = None
+    try:
+        agent.send("@start " + json.dumps({
+            "name": "h", "bind": "tcp://127.0.0.1:0", "advertise": None, "peers": [],
+            "workers": 1, "env": {"HANG_BROKER": "1"}, "nice": 0,
+        }))
+        broker = int(agent.wait_for(r"^@spawn h\.broker (\d+)$").group(1))
+        agent.wait_for(r"^@e h\.broker hanging before binding$")
+        agent.wait_for(r"^@error the broker did not start within 1 s, so the agent ended it"
+                       r" \(its last line: hanging before binding\)$")
+        agent.wait_for(r"^@exit h\.broker -9$")  # deaf to SIGTERM: killed
+        assert agent.popen.wait(GUARD) == 1
+        assert wait_gone([broker], GUARD) == []
+        assert not [line for line in agent.lines if line.startswith("@spawn h.w")]
+    finally:
+        agent.close()
+        if broker is not None:
+            for pid in wait_gone([broker], 0):
+                os.kill(pid, signal.SIGKILL)
+
+
+# -- a host that is slow to start -------------------------------------------------------------
+
+# Two host agents on this machine, as fedrun runs them, each after its
+# prolog. h1's channel opens GATE once h1's agent has sent BEATS
+# heartbeats: by then h1's agent has been ready for longer than its silence
+# timeout, and has quit unless fedrun has beaten it all along. h2's channel
+# opens H1_GATE once fedrun reads h2's output, i.e. waits for its @ready.
+SLOW_HOST_SESSION = """\
+import os, sys
+from futurefed.launch.channels import AgentCommand, LocalChannel
+from futurefed.launch.session import Plan, Session
+
+program, gate, h1_gate, prolog1, prolog2, pythonpath, beats = sys.argv[1:]
+
+
+def open_gate(path):
+    os.write(os.open(path, os.O_RDWR), b"go\\n")  # O_RDWR: never blocks
+
+
+class OpensTheGate(LocalChannel):
+    def stdout(self):
+        count = 0
+        for line in super().stdout():
+            count += line.startswith("@beat")
+            if count == int(beats) and line.startswith("@beat"):
+                open_gate(gate)
+            yield line
+
+
+class OpensH1Gate(LocalChannel):
+    def stdout(self):
+        open_gate(h1_gate)
+        yield from super().stdout()
+
+
+commands = {
+    "h1": AgentCommand(env={"PYTHONPATH": pythonpath}, prolog=prolog1 or None),
+    "h2": AgentCommand(env={"PYTHONPATH": pythonpath}, prolog=prolog2),
+}
+plan = Plan(program=[sys.executable, program], workers=2, bind_host="127.0.0.1", verbose=True)
+sys.exit(Session(plan, [OpensTheGate("h1"), OpensH1Gate("h2")],
+                 lambda channel: commands[channel.label], lambda total, cores: [1, 1]).run())
+"""
+
+MAP_PROGRAM = """\
+from futurefed import FederatedExecutor
+
+with FederatedExecutor() as executor:
+    print("sum", sum(executor.map(abs, range(-100, 0))), flush=True)
+"""
+
+
+def run_slow_host_session(tmp_path, h1: str, h2: str):
+    """SLOW_HOST_SESSION with these prologs (h1's empty: none), in which
+    ``{gate}`` and ``{h1_gate}`` name its FIFOs; fedrun's output."""
+    from futurefed.launch.hostagent import SILENCE_TIMEOUT
+
+    program, gate, h1_gate = tmp_path / "prog.py", tmp_path / "gate", tmp_path / "h1-gate"
+    program.write_text(MAP_PROGRAM)
+    os.mkfifo(gate)
+    os.mkfifo(h1_gate)
+    prologs = []
+    for name, text in (("h1", h1), ("h2", h2)):
+        path = tmp_path / f"{name}.sh"
+        path.write_text(text.format(gate=gate, h1_gate=h1_gate))
+        prologs.append(str(path) if text else "")
+    try:
+        return subprocess.run(
+            [sys.executable, "-c", SLOW_HOST_SESSION, str(program), str(gate), str(h1_gate),
+             *prologs, ROOT, str(int(SILENCE_TIMEOUT) + 2)],
+            capture_output=True, text=True, timeout=GUARD,
+        )
+    finally:  # a prolog still at a gate goes on (and its agent finds no fedrun)
+        for fifo in (gate, h1_gate):
+            os.write(os.open(fifo, os.O_RDWR | os.O_NONBLOCK), b"go\n")
+
+
+@pytest.mark.parametrize("late", ["ready", "failing"])
+def test_a_slow_host_neither_stops_the_ready_ones_nor_takes_their_name(tmp_path, late):
+    """h1 is ready at once, h2 long after h1's agent would have given up on
+    a fedrun that does not beat it yet; h2 then starts or fails."""
+    then = "" if late == "ready" else 'echo "h2 gave up" >&2; exit 3\n'
+    result = run_slow_host_session(tmp_path, "", "read line < {gate}\n" + then)
+    assert "no word from fedrun" not in result.stderr
+    if late == "ready":
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == "sum 5050\n"
+    else:
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.splitlines()[-1] == (
+            "fedrun: h2: the host agent exited before it was ready (status 3): h2 gave up"
+        ), result.stderr
+    pids = started_pids(result.stderr)
+    assert "h1.agent" in pids
+    assert gone_within(pids.values(), GUARD) == []
+
+
+def test_a_host_that_fails_ends_the_start_without_waiting_for_a_slow_one(tmp_path):
+    """h1 fails once fedrun reads h2's output (and so waits for its @ready:
+    h1's failure takes a few processes' turns, fedrun's wait a few
+    bytecodes), and h2 stays at its gate (never opened: h1's agent never
+    beats): fedrun says so at once and ends h2's agent, which never said
+    @ready, without waiting for it (READY_TIMEOUT is 60 s, the guard here)."""
+    result = run_slow_host_session(
+        tmp_path, 'read line < {h1_gate}\necho "h1 is broken" >&2; exit 4\n',
+        "read line < {gate}\n",
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == [
+        "fedrun: h1: the host agent exited before it was ready (status 4): h1 is broken"
+    ]
+
+
+# -- signals during the teardown --------------------------------------------------------------
+
+# Ignores SIGINT and SIGTERM, saying so each time.
+STUBBORN_PROGRAM = """\
+import os, signal
+from futurefed import FederatedExecutor
+
+def note(signum, frame):
+    print("got", signum, flush=True)
+
+signal.signal(signal.SIGINT, note)
+signal.signal(signal.SIGTERM, note)
+with FederatedExecutor() as executor:
+    assert executor.submit(abs, -1).result() == 1
+    print("ready", os.getpid(), flush=True)
+    while True:
+        signal.pause()
+"""
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_more_signals_during_the_teardown_end_a_stubborn_program(tmp_path, sig, status):
+    """A program that ignores SIGINT and SIGTERM; the user signals fedrun
+    again each time fedrun passes a signal on to it. Every signal after the
+    first makes fedrun kill the program, and the teardown completes."""
+    process = subprocess.Popen(
+        fedrun(["-N", "1", "-v"], STUBBORN_PROGRAM, tmp_path), stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    program, relayed, err_lines = None, [], []
+
+    def signal_again():
+        for line in process.stdout:
+            if line.startswith("got ") and len(relayed) < 3 and process.poll() is None:
+                relayed.append(int(line.split()[1]))
+                process.send_signal(sig)  # the user insists
+
+    readers = [threading.Thread(target=signal_again, daemon=True),
+               threading.Thread(target=lambda: err_lines.extend(process.stderr), daemon=True)]
+    try:
+        ready, pid = process.stdout.readline().split()
+        assert ready == "ready"
+        program = int(pid)
+        for reader in readers:
+            reader.start()
+        process.send_signal(sig)
+        process.wait(GUARD)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if program is not None:
+            for pid in wait_gone([program], 0):  # it survived fedrun: end it here
+                os.kill(pid, signal.SIGKILL)
+        for reader in readers:
+            reader.join(GUARD)
+    err = "".join(err_lines)
+    assert process.returncode == status, err
+    assert "Traceback" not in err
+    assert relayed == [int(sig)], relayed  # fedrun passed it on once, then killed it
+    pids = started_pids(err)
+    assert len(pids) == 3
+    assert gone_within([program, *pids.values()], GUARD) == []

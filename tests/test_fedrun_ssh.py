@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -447,3 +448,80 @@ def test_tunnel_needs_ssh(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr == "fedrun: --tunnel needs hosts reached by ssh\n"
+
+
+def test_an_interpreter_path_with_an_equals_sign(cluster, tmp_path):
+    """env takes every word with a '=' before the command for an assignment:
+    such an interpreter must still be run, not set."""
+    odd = tmp_path / "py=3" / "python"
+    odd.parent.mkdir()
+    odd.write_text(f"#!/bin/sh\nexec {cluster.python} \"$@\"\n")
+    odd.chmod(0o755)
+    program = write_program(tmp_path)
+    result = run(cluster, tmp_path, "--hosts", "node1", "-N", "1", "--python-interpreter",
+                 str(odd), program)
+    assert result.returncode == 0, result.stderr
+    assert "workers: node1.w0" in result.stdout
+
+
+@pytest.fixture
+def system_known_hosts(cluster):
+    """A function that sets /etc/ssh/ssh_known_hosts as fedrun sees it in
+    the client namespace only (`ip netns exec` mounts /etc/netns/NS/ssh over
+    /etc/ssh); the real one is never touched."""
+    etc = f"/etc/netns/{cluster.client_ns}/ssh"
+
+    def write(text: str) -> None:
+        os.makedirs(etc, exist_ok=True)
+        with open(os.path.join(etc, "ssh_known_hosts"), "w") as f:
+            f.write(text)
+
+    yield write
+    shutil.rmtree(etc, ignore_errors=True)
+
+
+def _host_key_line(cluster, alias: str) -> str:
+    ip = cluster.hosts[cluster.aliases.index(alias)]
+    for line in open(cluster.known_hosts):
+        names, key = line.split(None, 1)
+        if alias in names.split(","):
+            return f"{ip} {key}"
+    raise AssertionError(f"no key for {alias}")
+
+
+def _other_key_line(cluster, alias: str, tmp_path) -> str:
+    ip = cluster.hosts[cluster.aliases.index(alias)]
+    other = tmp_path / "not-the-host-key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    kind, key = open(f"{other}.pub").read().split()[:2]
+    return f"{ip} {kind} {key}\n"
+
+
+@pytest.mark.parametrize("case", ["system file only", "stale system entry", "changed key"])
+def test_host_keys_from_the_users_file_and_the_systems(cluster, tmp_path, system_known_hosts,
+                                                       case):
+    """Both files are read, as OpenSSH reads them, the user's (here the
+    ssh config's UserKnownHostsFile, or --known-hosts) first."""
+    program = write_program(tmp_path)
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    if case == "system file only":  # the user's file does not know node1
+        system_known_hosts(_host_key_line(cluster, "node1"))
+        extra = ["--known-hosts", str(empty)]
+    elif case == "stale system entry":  # the user's file has the right key
+        system_known_hosts(_other_key_line(cluster, "node1", tmp_path))
+        extra = []
+    else:  # only the system's file knows node1, under another key
+        system_known_hosts(_other_key_line(cluster, "node1", tmp_path))
+        extra = ["--known-hosts", str(empty)]
+    result = run(cluster, tmp_path, "--hosts", "node1", "-N", "1", *extra, program)
+    if case == "changed key":
+        assert result.returncode == 1
+        assert result.stderr == (
+            f"fedrun: node1: the host key of root@{cluster.hosts[0]}:22 does not match"
+            " known_hosts (it changed, or this is not the host you think)\n"
+        )
+    else:
+        assert result.returncode == 0, result.stderr
+        assert "workers: node1.w0" in result.stdout
+    assert_nothing_left(cluster, [])

@@ -31,6 +31,8 @@ from futurefed.hosts import (
     [
         ("node1", Host("node1")),
         ("node1.cluster.org", Host("node1.cluster.org")),
+        ("node1.cluster.org.", Host("node1.cluster.org.")),  # absolute: one final dot
+        ("x" * 63 + ".org", Host("x" * 63 + ".org")),
         ("10.0.0.7", Host("10.0.0.7")),
         ("my_alias-2", Host("my_alias-2")),
         ("NODE", Host("NODE")),
@@ -100,6 +102,13 @@ def test_parse_host_forms(text: str, expected: Host) -> None:
         ("[fe80::1%a;b]", "zone 'a;b'"),
         ("[::1]:1:2:3", "too many ':' after the host"),
         ("[::1]:0", "slots 0"),
+        # names the resolver cannot encode (IDNA): UnicodeError in getaddrinfo
+        ("a..b", "host 'a..b' has an empty label"),
+        (".node1", "host '.node1' has an empty label"),
+        (".", "host '.' has an empty label"),
+        ("node1..", "host 'node1..' has an empty label"),
+        ("u@a..b:22", "host 'a..b' has an empty label"),
+        ("x" * 64 + ".org", "has a label longer than 63 characters"),
     ],
 )
 def test_parse_host_errors(text: str, reason: str) -> None:
@@ -121,7 +130,8 @@ def test_parse_host_names_its_source() -> None:
         parse_host("a:b", "somewhere")
 
 
-_names = st.from_regex(r"[a-z0-9][a-z0-9._-]{0,20}", fullmatch=True)
+_names = st.from_regex(r"[a-z0-9][a-z0-9._-]{0,20}", fullmatch=True)  # users
+_host_names = st.from_regex(r"[a-z0-9][a-z0-9_-]{0,9}(\.[a-z0-9_-]{1,9}){0,3}\.?", fullmatch=True)
 _ports = st.one_of(st.none(), st.integers(1, 65535))
 _slot_counts = st.one_of(st.none(), st.integers(1, 10**6))
 
@@ -138,7 +148,7 @@ def _spell(host: Host) -> Optional[str]:
     return f"{user}{host.name}:{host.port}:{host.slots}"
 
 
-@given(name=_names, user=st.one_of(st.none(), _names), port=_ports, slots=_slot_counts)
+@given(name=_host_names, user=st.one_of(st.none(), _names), port=_ports, slots=_slot_counts)
 def test_parse_host_round_trips(
     name: str, user: Optional[str], port: Optional[int], slots: Optional[int]
 ) -> None:

@@ -4,9 +4,11 @@ this machine, on ssh hosts, or on a SLURM/PBS/SGE allocation (docs/fedrun.md).""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
 import sys
+import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .. import hosts as hostlist
@@ -72,7 +74,11 @@ def parser() -> argparse.ArgumentParser:
         "--env", action="append", default=[], metavar="NAME=VALUE",
         help="set this variable for the workers and the program (repeatable)",
     )
-    remote.add_argument("--nice", type=int, default=0, metavar="N", help="niceness of the workers")
+    remote.add_argument(
+        "--nice", type=int, default=0, metavar="N",
+        help="niceness added to the workers, -20 to 19 (a negative N needs privileges on"
+        " the hosts)",
+    )
     net = cli.add_argument_group("network")
     net.add_argument(
         "--external-hostname", action="append", default=[], metavar="[HOST=]ADDRESS",
@@ -94,8 +100,12 @@ def parser() -> argparse.ArgumentParser:
         help="the brokers' task port (meta: PORT + 1); default: any free port",
     )
     ssh = cli.add_argument_group("ssh")
-    ssh.add_argument("--ssh-config", metavar="FILE", help="default: ~/.ssh/config")
-    ssh.add_argument("--known-hosts", metavar="FILE", help="default: ~/.ssh/known_hosts")
+    ssh.add_argument("--ssh-config", metavar="FILE", help="default: ~/.ssh/config, if it exists")
+    ssh.add_argument(
+        "--known-hosts", metavar="FILE",
+        help="default: the ssh config's UserKnownHostsFile, else ~/.ssh/known_hosts;"
+        " /etc/ssh/ssh_known_hosts is read too, after it",
+    )
     ssh.add_argument("-i", "--identity", metavar="FILE", help="private key (overrides IdentityFile)")
     ssh.add_argument(
         "--accept-unknown-hosts", action="store_true",
@@ -103,11 +113,13 @@ def parser() -> argparse.ArgumentParser:
     )
     ssh.add_argument(
         "--connect-timeout", type=float, default=10.0, metavar="SECONDS",
-        help="give up on a host that does not answer within this long (default 10)",
+        help="give up on a host that does not answer within this long (above 0; default 10)",
     )
     output = cli.add_argument_group("output")
     output.add_argument(
-        "--log-dir", metavar="DIR", help="also write each broker's and worker's output to DIR/NAME.log"
+        "--log-dir", metavar="DIR",
+        help="also append each broker's and worker's output to DIR/NAME.log (DIR is created"
+        " if missing)",
     )
     output.add_argument(
         "--no-prefix", action="store_true", help="print remote lines without the [host name] prefix"
@@ -153,6 +165,36 @@ def _external(items: Sequence[str]) -> Tuple[Optional[str], Dict[str, str]]:
         else:
             default = address
     return default, per_host
+
+
+#: --nice N: os.nice(N) adds N to the workers' niceness; Linux keeps it in -20..19.
+NICE_RANGE = (-20, 19)
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"-N {args.workers}: at least one worker is needed")
+    if not 0 <= args.broker_port <= 65534:
+        raise ConfigError(f"--broker-port {args.broker_port} is out of range")
+    low, high = NICE_RANGE
+    if not low <= args.nice <= high:
+        raise ConfigError(f"--nice {args.nice} is out of range ({low} to {high})")
+    timeout = args.connect_timeout
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise ConfigError(f"--connect-timeout {timeout:g}: give a number of seconds above 0")
+
+
+def _check_log_dir(path: str) -> None:
+    """--log-dir: make it if missing, and make sure files can be made in
+    it now, not when the first process starts (docs/fedrun.md, Output)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--log-dir {path}: not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"--log-dir {path}: cannot write there: {exc.strerror or exc}") from None
 
 
 def _hosts(args: argparse.Namespace) -> Tuple[str, List[hostlist.Host]]:
@@ -260,14 +302,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         program = _program(args)
         env = _env(args.env)
-        if args.workers is not None and args.workers < 1:
-            raise ConfigError(f"-N {args.workers}: at least one worker is needed")
-        if not 0 <= args.broker_port <= 65534:
-            raise ConfigError(f"--broker-port {args.broker_port} is out of range")
+        _check_numbers(args)
         channels, hosts, bind_host = build(args)
         key = FederationKey.load(args.key_file, "--key-file") if args.key_file else None
         if args.log_dir:
-            os.makedirs(args.log_dir, exist_ok=True)
+            _check_log_dir(args.log_dir)
     except ConfigError as exc:
         print(f"fedrun: {exc}", file=sys.stderr)
         return 2

@@ -45,7 +45,12 @@ class AgentCommand:
         if self.prolog:
             parts.append(f". {shlex.quote(_sourceable(self.prolog))}")
         assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env.items())
-        command = " ".join(shlex.quote(arg) for arg in self.argv())
+        argv = self.argv()
+        if assignments and "=" in argv[0]:
+            # env takes every word with a '=' before the command for one more
+            # assignment, even after --: a shell runs the interpreter instead
+            argv = ["/bin/sh", "-c", 'exec "$0" "$@"', *argv]
+        command = " ".join(shlex.quote(arg) for arg in argv)
         parts.append(f"exec env {assignments} {command}" if assignments else f"exec {command}")
         return " && ".join(parts)
 

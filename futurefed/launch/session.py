@@ -13,8 +13,12 @@ The steps, each bounded in time:
 5. stop: ``@stop`` to every agent, wait for them, close the channels.
 
 Meanwhile a thread per channel relays the agents' output, prefixed with host
-and process, and a heartbeat thread notices a host that falls silent; either
-ends the session early with a one-line reason.
+and process, and a heartbeat thread beats every agent from the moment its
+channel opens and notices a host that falls silent; either ends the session
+early with a one-line reason.
+
+Once the session ends (or a first SIGINT or SIGTERM ends it), later signals
+cannot interrupt the teardown: they make it kill the program at once.
 """
 
 from __future__ import annotations
@@ -101,10 +105,11 @@ class Session:
         self.distribute = distribute
         self.out, self.err = out, err
         self.print_lock = threading.Lock()
-        self.logs: Dict[str, IO[str]] = {}
+        self.logs: Dict[str, Optional[IO[str]]] = {}  # None: it could not be opened
         self.failure: Optional[str] = None
         self.failed = threading.Event()
         self.stopping = False
+        self._ending = threading.Event()  # the heartbeats stop
         self.origin: Optional["subprocess.Popen[bytes]"] = None
         self._wake = threading.Event()  # the program ended, or the session failed
         self.key = plan.key or FederationKey.generate()
@@ -122,10 +127,13 @@ class Session:
                 print(f"[{agent.channel.label} {name}] {text}", file=target, flush=True)
             else:
                 print(text, file=target, flush=True)
-            if self.plan.log_dir is not None:
-                log = self._log(name)
-                log.write(text + "\n")
-                log.flush()
+            log = self._log(name)
+            if log is not None:
+                try:
+                    log.write(text + "\n")
+                    log.flush()
+                except OSError as exc:
+                    self._log_failed(name, log.name, exc)
 
     # -- the agents' output --------------------------------------------------------------
 
@@ -186,19 +194,36 @@ class Session:
 
     def _spawned(self, agent: _Agent, rest: str) -> None:
         name, _, pid = rest.partition(" ")
-        if self.plan.log_dir is not None:
-            with self.print_lock:
-                self._log(name)
+        with self.print_lock:
+            self._log(name)  # created even if the process prints nothing
         if self.plan.verbose:
             self.say(f"{agent.channel.label}: started {name} (pid {pid})")
 
-    def _log(self, name: str) -> IO[str]:
-        """The session log of process ``name`` (call with print_lock held)."""
+    def _log(self, name: str) -> Optional[IO[str]]:
+        """The session log of process ``name``, opened to append on first
+        use; None without --log-dir or if it cannot be written (said once;
+        the session goes on). Call with print_lock held."""
+        if self.plan.log_dir is None:
+            return None
+        if name not in self.logs:
+            path = os.path.join(self.plan.log_dir, f"{_safe(name)}.log")
+            try:
+                self.logs[name] = open(path, "a", encoding="utf-8")
+            except OSError as exc:
+                self._log_failed(name, path, exc)
+        return self.logs[name]
+
+    def _log_failed(self, name: str, path: str, exc: OSError) -> None:
+        """Say once that ``name``'s log cannot be written (print_lock held)."""
         log = self.logs.get(name)
-        if log is None:
-            path = os.path.join(self.plan.log_dir or ".", f"{_safe(name)}.log")
-            log = self.logs[name] = open(path, "w", encoding="utf-8")
-        return log
+        self.logs[name] = None
+        if log is not None:
+            try:
+                log.close()
+            except OSError:
+                pass  # what it still held is lost with it
+        print(f"fedrun: cannot write {path}: {exc.strerror or exc}; {name}'s lines are not logged",
+              file=self.err, flush=True)
 
     def _child_exited(self, agent: _Agent, rest: str) -> None:
         name, _, status = rest.partition(" ")
@@ -210,25 +235,37 @@ class Session:
         else:
             self.say(f"{agent.channel.label}: worker {name} {_how_it_ended(status)}; replacing it")
 
-    def _fail(self, reason: str) -> None:
-        if self.failure is None:
+    def _fail(self, reason: str) -> bool:
+        """End the session for ``reason``; False if another reason came
+        first (that one is the session's; say this one yourself)."""
+        first = self.failure is None
+        if first:
             self.failure = reason
         self.failed.set()
         self._wake.set()
+        for agent in self.agents:  # whoever waits for any of them stops waiting
+            with agent.changed:
+                agent.changed.notify_all()
+        return first
 
     # -- heartbeats ------------------------------------------------------------------------
 
     def _heartbeat(self) -> None:
-        while not self.failed.wait(HEARTBEAT):
-            if self.stopping:
-                return
+        """Beat every agent from the moment its channel is open, whether or
+        not the others are (an agent that hears nothing for 6 s stops), until
+        the teardown; a ready agent silent for LOST_AFTER is lost. An agent
+        not ready yet is not: READY_TIMEOUT and its reader speak for it."""
+        while not self._ending.wait(HEARTBEAT):
             now = time.monotonic()
             for agent in self.agents:
-                if agent.ended:
+                if not agent.opened or agent.ended:
                     continue
-                if not agent.channel.send("@beat") or now - agent.last_heard > LOST_AFTER:
+                sent = agent.channel.send("@beat")
+                silent = now - agent.last_heard
+                if agent.ready is None or self.failed.is_set() or self.stopping:
+                    continue
+                if not sent or silent > LOST_AFTER:
                     agent.lost = True
-                    silent = now - agent.last_heard
                     self._host_failed(agent, f"host lost (nothing heard for {silent:.0f} s)")
 
     def _broker_exited(self, agent: _Agent, status: str) -> None:
@@ -264,7 +301,8 @@ class Session:
 
     def _open(self, agent: _Agent) -> None:
         agent.channel.open(self.command(agent.channel))
-        agent.opened = True
+        agent.last_heard = time.monotonic()
+        agent.opened = True  # the heartbeat thread beats it from now on
         threading.Thread(target=self._read, args=(agent,), daemon=True).start()
         with agent.changed:
             agent.changed.wait_for(
@@ -274,23 +312,26 @@ class Session:
             raise LaunchError(f"{agent.channel.label}: the host agent was not ready within {READY_TIMEOUT:g} s")
 
     def _open_all(self) -> None:
-        """Open every channel at once; every host that fails is named."""
+        """Open every channel at once (32 at a time); every host that fails
+        is named on a line of its own, the session's reason last."""
+        threading.Thread(target=self._heartbeat, daemon=True).start()
         errors = []
         with futures.ThreadPoolExecutor(max_workers=min(32, len(self.agents))) as pool:
             done = [pool.submit(self._open, agent) for agent in self.agents]
-            for future in done:
-                try:
-                    future.result()
-                except LaunchError as exc:
-                    errors.append(str(exc))
+            try:
+                for future in done:
+                    try:
+                        future.result()
+                    except LaunchError as exc:
+                        errors.append(str(exc))
+            except (KeyboardInterrupt, _Terminated):
+                self._fail("interrupted")  # the opens still waiting for @ready stop waiting
+                raise
         for error in errors[:-1]:
             self.say(error)
-        if errors:
-            self._fail(errors[-1])
-        for agent in self.agents:
-            agent.last_heard = time.monotonic()
+        if errors and not self._fail(errors[-1]):
+            self.say(errors[-1])
         self._check()
-        threading.Thread(target=self._heartbeat, daemon=True).start()
 
     def _check(self) -> None:
         if self.failed.is_set():
@@ -379,7 +420,8 @@ class Session:
                 pass
         except KeyboardInterrupt:
             # A Ctrl-C at the terminal reached the program too: give it time
-            # to end on its own before asking again.
+            # to end on its own before asking again (another Ctrl-C meanwhile
+            # kills it: see _hurry).
             try:
                 origin.wait(ORIGIN_GRACE / 5)
             except subprocess.TimeoutExpired:
@@ -406,19 +448,36 @@ class Session:
     def run(self) -> int:
         """The session's exit status: the origin's, or 1 when fedrun itself
         failed (the reason printed on one line), 130/143 on SIGINT/SIGTERM."""
-
-        def terminate(signum: int, frame: Any) -> None:
-            raise _Terminated
-
-        previous = signal.signal(signal.SIGTERM, terminate)
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for sig in previous:
+            signal.signal(sig, self._first_signal)
         status = 1
+        try:
+            status = self._run()
+        except KeyboardInterrupt:
+            self.say("interrupted")
+            status = 130
+        except _Terminated:
+            self.say("terminated")
+            status = 143
+        finally:
+            self._teardown_signals()  # first: nothing may interrupt the teardown
+            try:
+                self._stop()
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+        return status
+
+    def _run(self) -> int:
         try:
             self._open_all()
             address = self._start_brokers()
             if self.plan.tunnel:
                 address = self.agents[0].channel.tunnel(address)
                 if self.plan.verbose:
-                    self.say(f"the program reaches {self.agents[0].channel.label}'s broker through ssh at {address}")
+                    label = self.agents[0].channel.label
+                    self.say(f"the program reaches {label}'s broker through ssh at {address}")
             status = self._run_origin(address)
             if self.failed.is_set():  # the program was stopped for it
                 self.say(self.failure or "failed")
@@ -426,42 +485,58 @@ class Session:
         except (SessionError, LaunchError) as exc:
             self.say(str(exc))
             status = 1
-        except KeyboardInterrupt:
-            self.say("interrupted")
-            status = 130
-        except _Terminated:
-            self._interrupt_origin(signal.SIGTERM)
-            self.say("terminated")
-            status = 143
-        finally:
-            try:
-                self._stop()
-            finally:
-                signal.signal(signal.SIGTERM, previous)
         return status
 
-    def _await_agent(self, agent: _Agent, deadline: float) -> str:
+    # -- signals ---------------------------------------------------------------------------
+
+    def _first_signal(self, signum: int, frame: Any) -> None:
+        """The first SIGINT or SIGTERM ends the session: later ones must not
+        interrupt its teardown, so the handlers change before it raises."""
+        self._teardown_signals()
+        raise KeyboardInterrupt if signum == signal.SIGINT else _Terminated
+
+    def _teardown_signals(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._hurry)
+
+    def _hurry(self, signum: int, frame: Any) -> None:
+        """A SIGINT or SIGTERM during the teardown: the program is killed
+        now rather than after its grace; the teardown goes on, bounded as
+        ever. (Nothing here may wait for a lock the interrupted code could
+        hold: Popen.kill only tries its own, without waiting.)"""
+        origin = self.origin
+        if origin is not None:
+            origin.kill()  # nothing if it has been reaped already
+
+    def _await_agent(self, agent: _Agent, deadline: float, began: float) -> str:
         """Wait for ``agent`` to exit: "exited", or "silent" if it falls
-        silent first (its host cut off), or "late" at the deadline."""
+        silent first (its host cut off), or "late" at the deadline. An agent
+        not ready yet has said nothing since it opened: its silence counts
+        from ``began``, the teardown's start, as a closed connection would
+        not end what its shell still runs (a login script, a failing start)."""
         while time.monotonic() < deadline:
             if agent.channel.wait(min(HEARTBEAT / 2, deadline - time.monotonic())) is not None:
                 return "exited"
-            if time.monotonic() - agent.last_heard > LOST_AFTER / 2:
+            heard = agent.last_heard if agent.ready is not None else max(agent.last_heard, began)
+            if time.monotonic() - heard > LOST_AFTER / 2:
                 return "silent"
         return "late"
 
     def _stop(self) -> None:
-        """Tell every agent to stop and wait for them (bounded); close."""
+        """Stop the program (SIGTERM, then SIGKILL), tell every agent to stop
+        and wait for them (bounded); close."""
         self.stopping = True
+        self._ending.set()
         self._interrupt_origin(signal.SIGTERM)
         for agent in self.agents:
             agent.channel.send("@stop")
             agent.channel.close_input()
-        deadline = time.monotonic() + STOP_TIMEOUT
+        began = time.monotonic()
+        deadline = began + STOP_TIMEOUT
         for agent in self.agents:
             if not agent.opened:
                 continue
-            outcome = "silent" if agent.lost else self._await_agent(agent, deadline)
+            outcome = "silent" if agent.lost else self._await_agent(agent, deadline, began)
             if outcome == "silent":
                 # unreachable: its agent ends everything once it hears nothing
                 agent.channel.kill()
@@ -470,7 +545,11 @@ class Session:
                 agent.channel.kill()
             agent.channel.close()
         for log in self.logs.values():
-            log.close()
+            if log is not None:
+                try:
+                    log.close()
+                except OSError:
+                    pass  # said when it failed, or lost with the disk
 
 
 def _die_with_parent() -> None:

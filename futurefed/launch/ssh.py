@@ -2,8 +2,9 @@
 
 A host is resolved as OpenSSH would: ``~/.ssh/config`` (or ``--ssh-config``)
 gives HostName, User, Port and IdentityFile for aliases and patterns; a
-user or port written in ``--hosts`` wins. Host keys are checked against
-known_hosts; an unknown key is refused unless ``accept_unknown`` is set.
+user or port written in ``--hosts`` wins. Host keys are checked against the
+user's known_hosts file and the system's, as OpenSSH checks them (the
+user's first); an unknown key is refused unless ``accept_unknown`` is set.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import IO, Any, List, Optional
 
 import paramiko
 
-from ..hosts import Host
+from ..errors import ConfigError
+from ..hosts import Host, name_problem
 from .channels import AgentCommand, Channel, LaunchError
 
 __all__ = ["SshChannel", "SshOptions"]
@@ -68,35 +70,65 @@ class SshChannel(Channel):
 
     def _resolve(self) -> "tuple[str, Optional[str], int, List[str]]":
         """HostName, User, Port and IdentityFile as OpenSSH would resolve
-        them (UserKnownHostsFile too); what --hosts says wins."""
+        them (UserKnownHostsFile too); what --hosts says wins. A config that
+        cannot be read (``--ssh-config`` must exist; ``~/.ssh/config`` may
+        not) or holds a value that cannot be used is a ConfigError: a bad
+        argument, found before anything starts."""
         config = paramiko.SSHConfig()
         path = self.options.config_file or os.path.expanduser("~/.ssh/config")
-        if os.path.exists(path):
+        if self.options.config_file or os.path.exists(path):
             try:
                 config = paramiko.SSHConfig.from_path(path)
             except (OSError, paramiko.ssh_exception.ConfigParseError) as exc:
-                raise LaunchError(f"{self.label}: cannot read ssh config {path}: {exc}") from None
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                raise ConfigError(f"cannot read ssh config {path}: {reason}") from None
         found = config.lookup(self.host.name)
         hostname = str(found.get("hostname", self.host.name)).strip("[]")
+        problem = name_problem(hostname) if "hostname" in found and ":" not in hostname else None
+        if problem:
+            raise ConfigError(f"{self.label}: ssh config {path}: HostName {hostname!r} {problem}")
         user = self.host.user or found.get("user")
-        port = self.host.port or int(found.get("port", 22))
+        port = self.host.port
+        if port is None:
+            text = str(found.get("port", "22"))
+            if not (text.isdigit() and 1 <= int(text) <= 65535):
+                raise ConfigError(
+                    f"{self.label}: ssh config {path}: Port {text!r} is not a port (1-65535)"
+                )
+            port = int(text)
         keys = [self.options.identity] if self.options.identity else list(found.get("identityfile", []))
         known = found.get("userknownhostsfile")
         if known and not self.options.known_hosts:
             self.known_hosts = os.path.expanduser(str(known).split()[0])
         return hostname, user, port, [os.path.expanduser(k) for k in keys if k]
 
-    def open(self, command: AgentCommand) -> None:
-        client = paramiko.SSHClient()
-        known = (
+    def known_hosts_files(self) -> List[str]:
+        """The files host keys are checked against, in order: the user's
+        (--known-hosts, else UserKnownHostsFile, else ~/.ssh/known_hosts),
+        then the system's, as OpenSSH reads both."""
+        user = (
             self.options.known_hosts or self.known_hosts or os.path.expanduser("~/.ssh/known_hosts")
         )
-        for path, load in ((SYSTEM_KNOWN_HOSTS, client.load_system_host_keys), (known, client.load_host_keys)):
+        files = [user]
+        if os.path.realpath(SYSTEM_KNOWN_HOSTS) != os.path.realpath(user):
+            files.append(SYSTEM_KNOWN_HOSTS)
+        return files
+
+    def open(self, command: AgentCommand) -> None:
+        client = paramiko.SSHClient()
+        # All in one table, the user's file first: paramiko checks a host
+        # against the first key of the server's type it finds there. (Its
+        # "system" table would be searched alone whenever it names the host,
+        # so a stale system entry would hide the user's.)
+        keys = client.get_host_keys()
+        files = self.known_hosts_files()
+        for path in files:
             if os.path.exists(path):
                 try:
-                    load(path)
+                    keys.load(path)
                 except (OSError, paramiko.SSHException) as exc:
                     raise LaunchError(f"{self.label}: cannot read known hosts {path}: {exc}") from None
+        known = " or ".join(files)
         client.set_missing_host_key_policy(
             _AcceptUnknown(self.label) if self.options.accept_unknown else paramiko.RejectPolicy()
         )
@@ -110,6 +142,8 @@ class SshChannel(Channel):
             )
         except socket.gaierror as exc:
             raise LaunchError(f"{self.label}: unknown host {self.hostname} ({exc.strerror})") from None
+        except UnicodeError as exc:  # a name the resolver cannot even encode (IDNA)
+            raise LaunchError(f"{self.label}: unknown host {self.hostname} ({exc})") from None
         except paramiko.AuthenticationException as exc:
             raise LaunchError(f"{self.label}: authentication failed for {where}: {exc}") from None
         except paramiko.BadHostKeyException:

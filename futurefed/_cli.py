@@ -58,10 +58,11 @@ def parser(
 
 
 def configure(
-    parser: argparse.ArgumentParser, argv: Optional[List[str]]
+    parser: argparse.ArgumentParser, argv: Optional[List[str]], *, connect: bool = False
 ) -> Tuple[argparse.Namespace, config.Environment, str, Optional[FederationKey]]:
     """Parse ``argv`` and the environment, and read the key file if one is
-    named; exits with status 2 and one line on a bad value."""
+    named; exits with status 2 and one line on a bad value. With
+    ``connect``, the address is one to connect to (a worker's), not to bind."""
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING - 10 * args.verbose,
@@ -72,6 +73,9 @@ def configure(
         address = (
             config.check_address(args.address, "--address") if args.address else env.broker_address
         )
+        if connect:
+            source = "--address" if args.address else "BROKER_ADDRESS"
+            address = config.check_connect_address(address, source)
         key = key_from_environ(override=args.key_file)
     except ConfigError as exc:
         print(f"{parser.prog}: {exc}", file=sys.stderr)

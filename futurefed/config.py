@@ -14,7 +14,10 @@ from typing import Any, Mapping, Optional, Tuple
 
 from .errors import ConfigError
 
-__all__ = ["Environment", "check_address", "from_environ", "heartbeat_from_environ", "meta_address_for"]
+__all__ = [
+    "Environment", "check_address", "check_connect_address", "from_environ",
+    "heartbeat_from_environ", "meta_address_for",
+]
 
 DEFAULT_BROKER_ADDRESS = "tcp://127.0.0.1:5555"
 DEFAULT_META_ADDRESS = "tcp://127.0.0.1:5556"
@@ -22,7 +25,7 @@ DEFAULT_META_ADDRESS = "tcp://127.0.0.1:5556"
 #: derived from it overflow (inf and 1e300 crashed workers).
 HEARTBEAT_RANGE = (0.01, 3600.0)
 
-_TCP = re.compile(r"^tcp://(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-*]+):(?P<port>\d+|\*)$")
+_TCP = re.compile(r"^tcp://(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-*]+):(?P<port>[0-9]+|\*)$")
 
 
 def check_address(value: str, name: str = "address") -> str:
@@ -37,6 +40,21 @@ def check_address(value: str, name: str = "address") -> str:
     if value.startswith(("ipc://", "inproc://")) and len(value) > len("ipc://"):
         return value
     raise ConfigError(f"{name}={value!r} is not an address like tcp://HOST:PORT")
+
+
+def check_connect_address(value: str, name: str = "address") -> str:
+    """``value`` if another process can connect to it: an address
+    :func:`check_address` accepts that names a host and a port (``*`` or
+    port 0 only bind) and is not ``inproc://`` (within one process only)."""
+    value = check_address(value, name)
+    if value.startswith("inproc://"):
+        raise ConfigError(f"{name}={value!r}: inproc:// cannot be reached from another process")
+    match = _TCP.match(value)
+    if match and (match.group("host") == "*" or match.group("port") in ("*", "0")):
+        raise ConfigError(
+            f"{name}={value!r} is an address to bind, not to connect to: name the host and port"
+        )
+    return value
 
 
 def meta_address_for(task_address: str) -> str:
@@ -101,10 +119,19 @@ def from_environ(environ: Optional[Mapping[str, str]] = None) -> Environment:
     if meta:
         meta_address = check_address(meta, "META_ADDRESS")
     elif env.get("BROKER_ADDRESS"):
-        meta_address = meta_address_for(broker_address)
+        try:
+            meta_address = meta_address_for(broker_address)
+        except ConfigError:
+            raise ConfigError(
+                f"BROKER_ADDRESS={broker_address!r} names no port from which to derive"
+                " META_ADDRESS (the task port plus one): set META_ADDRESS"
+            ) from None
     else:
         meta_address = DEFAULT_META_ADDRESS
-    broker_addresses = _addresses(env, "BROKER_ADDRESSES")
+    broker_addresses = tuple(
+        check_connect_address(address, "BROKER_ADDRESSES")
+        for address in _addresses(env, "BROKER_ADDRESSES")
+    )
     meta_addresses = _addresses(env, "META_ADDRESSES") or tuple(
         meta_address_for(address) for address in broker_addresses
     )

@@ -222,12 +222,13 @@ class FederatedExecutor(futures.Executor):
         source = "address"
         key = None
         if address is not None:
-            address = config.check_address(address, "address")
+            address = config.check_connect_address(address, "address")
             key = key_from_environ()
         else:
             env = config.from_environ()
             if env.configured and env.is_origin:
                 address, source = env.broker_address, "BROKER_ADDRESS"
+                config.check_connect_address(address, source)
                 key = key_from_environ()
             else:
                 from .local import LocalFederation

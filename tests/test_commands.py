@@ -192,6 +192,47 @@ def test_origin_with_a_malformed_broker_address(monkeypatch):
         FederatedExecutor()
 
 
+BIND_ONLY = ["tcp://*:5555", "tcp://127.0.0.1:*", "tcp://127.0.0.1:0", "inproc://here"]
+
+
+@pytest.mark.parametrize("address", BIND_ONLY)
+def test_an_origin_refuses_an_address_it_could_only_bind(monkeypatch, address):
+    from futurefed.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="address="):
+        FederatedExecutor(address=address)
+    monkeypatch.setenv("BROKER_ADDRESS", address)
+    monkeypatch.setenv("IS_ORIGIN", "1")
+    with pytest.raises(ConfigError, match="BROKER_ADDRESS="):
+        FederatedExecutor()
+
+
+def test_a_port_in_other_digits_than_ascii_is_refused():
+    from futurefed.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="is not an address"):
+        FederatedExecutor(address="tcp://127.0.0.1:\u0665\u0665")
+
+
+@pytest.mark.parametrize("address", BIND_ONLY)
+def test_a_worker_refuses_an_address_it_could_only_bind(address):
+    env = dict(os.environ, BROKER_ADDRESS=address, IS_ORIGIN="0")
+    done = subprocess.run(command("fedworker"), env=env, capture_output=True, text=True,
+                          timeout=GUARD)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fedworker: BROKER_ADDRESS="), done.stderr
+
+
+def test_peer_addresses_must_be_ones_to_connect_to(monkeypatch):
+    from futurefed import config
+    from futurefed.errors import ConfigError
+
+    monkeypatch.setenv("BROKER_ADDRESSES", "tcp://a:1 tcp://*:2")
+    with pytest.raises(ConfigError, match="BROKER_ADDRESSES='tcp://\\*:2'"):
+        config.from_environ()
+
+
 def test_origin_of_another_version_is_refused_with_both_versions(broker, monkeypatch):
     import futurefed._agent
     from futurefed._versions import local_versions

@@ -24,7 +24,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         help=f"give up if no broker answers within this long, at start and after losing"
         f" the broker (default {CONNECT_TIMEOUT:g})",
     )
-    args, env, address, key = configure(cli, argv)
+    args, env, address, key = configure(cli, argv, connect=True)
     from .loop import Worker
 
     worker = Worker(

@@ -26,12 +26,11 @@ import argparse
 import collections
 import itertools
 import multiprocessing
+import os
 import pickle
 import queue
-import shutil
 import statistics
 import struct
-import tempfile
 import threading
 import time
 from concurrent.futures import Executor, Future
@@ -182,8 +181,9 @@ class FloorExecutor(Executor):
 
     def __init__(self, workers: int) -> None:
         fork = multiprocessing.get_context("fork")  # the children inherit __main__'s functions
-        self._dir = tempfile.mkdtemp(prefix="futurefed-floor-")
-        address = f"ipc://{self._dir}/tasks"
+        # Linux's abstract socket namespace: no file to remove, even when a
+        # run that hung leaves with os._exit()
+        address = f"ipc://@futurefed-floor-{os.getpid()}-{id(self)}"
         ready: "multiprocessing.Queue[str]" = fork.Queue()
         self._processes = [fork.Process(target=_floor_broker, args=(address, workers, ready),
                                         daemon=True)]
@@ -228,7 +228,6 @@ class FloorExecutor(Executor):
         for process in self._processes:
             process.terminate()
             process.join()
-        shutil.rmtree(self._dir, ignore_errors=True)
 
     def _serve(self, address: str) -> None:
         wake = self._ctx.socket(zmq.PAIR)
